@@ -1,0 +1,252 @@
+// CUDA kernels of lowrank::monarch_matmul and lowrank::monarch_matmul_backward.
+//
+// What: out = P·BD(w2)·P·BD(w1)·x (the 4-step formula in monarch_common.h), and its gradients, with the
+// middle activation recomputed in the backward. Every step is one call of the strided batched GEMM in
+// common/strided_gemm.cuh (groups = Monarch blocks; permutations are strides):
+//   fp16 / bf16: mma.sync m16n8k16 tensor cores, fp32 accumulate, 128x128x32 (or 64x64x32 when that
+//                tile count would not fill the GPU) CTA tiles, 4-stage cp.async pipeline;
+//   fp32:        SIMT fp32 FMA (exact fp32, no TF32), 64x64x16 tiles.
+// Weight gradients contract over the batch (K = B): when their output tiles are too few for the GPU, K
+// is split, each split writes an fp32 slice of a workspace and a reduce kernel sums the slices into the
+// weight's dtype (deterministic, no atomics).
+//
+// Middle activation layout: mid is stored as z, i.e. (B, l, r) with mid[b·N + c·r + a] = z[b, c, a]
+// = y[b, a·l + c]. Step 1 writes it through a permuted epilogue (column u = i·q + j of y goes to
+// (u mod l)·r + u div l), so that step 3's A operand (z_c = mid[:, c·r : c·r + r]) and the backward's
+// dw2 operand are plain K- (resp. N-) contiguous tiles loaded with 16-byte cp.async. The alternative
+// (natural (B, N) y, gathered in step 3 at stride l) would make step 3, the bigger read, a strided gather.
+// mid is a (B, N) tensor of the input dtype from torch's caching allocator.
+//
+// Descriptor table (element strides; A(g, m, k), B(g, k, n), C(g, m, n); n = k·p, N = k·q, L = l·s;
+// s_mn is the stride of m for A and of n for B):
+//   GEMM            groups  M  N  K  | A: base gs s_mn s_k    | B: base gs  s_mn s_k | C: base gs rs cs
+//   F1 y = x·w1^T    k      B  q  p  | x    p    n    1       | w1  q·p  p   1      | mid perm(l,q,r) rs N
+//   F2 u = z·w2^T    l      B  s  r  | mid  r    N    1       | w2  s·r  r   1      | out  1   L   l
+//   G1 dz = gu·w2    l      B  r  s  | g    1    L    l       | w2  s·r  1   r      | dy   1   N   l
+//   G2 dw2 = gu^T·z  l      s  r  B  | g    1    l    L       | mid r    1   N      | dw2 s·r  r   1
+//   G3 dx = dy·w1    k      B  p  q  | dy   q    N    1       | w1  q·p  1   p      | dx   p   n   1
+//   G4 dw1 = dy^T·x  k      q  p  B  | dy   q    1    N       | x   p    1   n      | dw1 q·p  p   1
+//   (the backward recomputes mid with F1 when weight gradients are asked for; dy is (B, N) natural,
+//    dy[b, a·l + c] = dz[b, c, a]; gu[b, c, d] = g[b, d·l + c].)
+//   "perm(l,q,r) rs N": C(i, b, j) -> mid[b·N + (u mod l)·r + u div l], u = i·q + j.
+//
+// Assumptions: x, w1, w2 (and grad_out) are made contiguous; batch, n, N, L < 2^31 (offsets are int64);
+// batch = 0 launches nothing (forward: empty output; backward: zero weight gradients).
+#include <torch/csrc/inductor/aoti_torch/c/shim.h>
+#include <torch/csrc/stable/accelerator.h>
+#include <torch/csrc/stable/library.h>
+#include <torch/csrc/stable/ops.h>
+#include <torch/csrc/stable/tensor.h>
+#include <torch/headeronly/util/shim_utils.h>
+
+#include <cuda_runtime.h>
+
+#include <limits>
+#include <tuple>
+#include <vector>
+
+#include "common/strided_gemm.cuh"
+#include "monarch/monarch_common.h"
+
+namespace lowrank {
+namespace {
+
+using sgemm::Operand;
+using sgemm::Output;
+using sgemm::Problem;
+
+void check_cuda(cudaError_t e, const char* op, const char* what) {
+  STD_TORCH_CHECK(e == cudaSuccess, op, ": CUDA error in ", what, ": ", cudaGetErrorString(e));
+}
+
+cudaStream_t current_stream(int32_t device_index) {
+  void* s = nullptr;
+  TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device_index, &s));
+  return static_cast<cudaStream_t>(s);
+}
+
+int num_sms(int32_t device_index) {
+  int v = 0;
+  const cudaError_t e = cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device_index);
+  if (e != cudaSuccess || v <= 0) {
+    (void)cudaGetLastError();
+    return 132;
+  }
+  return v;
+}
+
+Operand operand(const Tensor& t, int64_t gs, int64_t s_mn, int64_t s_k) {
+  return Operand{t.const_data_ptr(), gs, s_mn, s_k, 0};
+}
+
+Output output(const Tensor& t, int64_t gs, int64_t rs, int64_t cs) {
+  return Output{t.mutable_data_ptr(), gs, rs, cs, 0, 0, 0, 0, 0};
+}
+
+// Runs one strided batched GEMM of dtype st. When the output is a whole dense weight-gradient tensor
+// (allow_split), K may be split over an fp32 workspace reduced into `c_tensor`.
+struct GemmRunner {
+  const char* op;
+  ScalarType st;
+  int32_t device;
+  int sms;
+  cudaStream_t stream;
+  Tensor like;  // for workspace allocation (device)
+
+  void run(const Operand& a, const Operand& b, Output c, int64_t M, int64_t N, int64_t K, int64_t groups,
+           bool allow_split = false, const Tensor* c_tensor = nullptr) const {
+    if (M == 0 || N == 0 || groups == 0) return;
+    const int64_t imax = std::numeric_limits<int32_t>::max();
+    STD_TORCH_CHECK(M <= imax && N <= imax && K <= imax && groups <= imax, op,
+                    ": a GEMM dimension exceeds 2^31 - 1 (M=", M, ", N=", N, ", K=", K, ", groups=", groups, ")");
+    const bool f32 = st == ScalarType::Float;
+    const sgemm::Plan plan = sgemm::plan_gemm(f32, M, N, K, groups, sms, allow_split && c_tensor != nullptr);
+    Problem P;
+    P.a = a;
+    P.b = b;
+    P.M = static_cast<int>(M);
+    P.N = static_cast<int>(N);
+    P.K = static_cast<int>(K);
+    P.groups = static_cast<int>(groups);
+    Tensor ws = like;
+    const int64_t elems = groups * M * N;  // only meaningful for a dense weight output
+    if (plan.splits > 1) {
+      ws = torch::stable::new_empty(like, {plan.splits * elems}, ScalarType::Float);
+      c.ptr = ws.mutable_data_ptr();
+      c.f32 = 1;
+      c.split_stride = elems;
+    }
+    P.c = c;
+    cudaError_t e = cudaSuccess;
+    switch (st) {
+      case ScalarType::Float: e = sgemm::launch_gemm<float>(P, plan, stream); break;
+      case ScalarType::Half: e = sgemm::launch_gemm<__half>(P, plan, stream); break;
+      case ScalarType::BFloat16: e = sgemm::launch_gemm<__nv_bfloat16>(P, plan, stream); break;
+      default: STD_TORCH_CHECK(false, op, ": unsupported dtype on CUDA");
+    }
+    check_cuda(e, op, "strided GEMM launch");
+    if (plan.splits > 1) {
+      const float* wsp = static_cast<const float*>(ws.const_data_ptr());
+      void* dst = c_tensor->mutable_data_ptr();
+      switch (st) {
+        case ScalarType::Float:
+          e = sgemm::launch_splitk_reduce<float>(wsp, static_cast<float*>(dst), elems, plan.splits, stream);
+          break;
+        case ScalarType::Half:
+          e = sgemm::launch_splitk_reduce<__half>(wsp, static_cast<__half*>(dst), elems, plan.splits, stream);
+          break;
+        default:
+          e = sgemm::launch_splitk_reduce<__nv_bfloat16>(wsp, static_cast<__nv_bfloat16*>(dst), elems,
+                                                          plan.splits, stream);
+          break;
+      }
+      check_cuda(e, op, "split-K reduce launch");
+    }
+    // ws (if any) is released to the caching allocator on the current stream, after the reduce is queued.
+  }
+};
+
+void check_sizes(const char* op, const MonarchDims& d) {
+  const int64_t imax = std::numeric_limits<int32_t>::max();
+  STD_TORCH_CHECK(d.batch <= imax && d.n <= imax && d.mid <= imax && d.out <= imax, op,
+                  ": sizes beyond 2^31 - 1 are not supported by the CUDA kernel (batch=", d.batch, ", n=", d.n,
+                  ", k·q=", d.mid, ", l·s=", d.out, ")");
+}
+
+// F1: mid (B, l, r) = z, the permuted output of the first block-diagonal factor.
+void step1(const GemmRunner& R, const MonarchDims& d, const Tensor& x, const Tensor& w1, const Tensor& mid) {
+  Output c = output(mid, 0, d.mid, 0);
+  c.perm_l = static_cast<int>(d.l);
+  c.perm_q = static_cast<int>(d.q);
+  c.perm_r = static_cast<int>(d.r);
+  R.run(operand(x, d.p, d.n, 1), operand(w1, d.q * d.p, d.p, 1), c, d.batch, d.q, d.p, d.k);
+}
+
+GemmRunner make_runner(const char* op, const Tensor& x) {
+  const int32_t dev = x.get_device_index();
+  return GemmRunner{op, x.scalar_type(), dev, num_sms(dev), current_stream(dev), x};
+}
+
+Tensor monarch_matmul_cuda(Tensor x, Tensor w1, Tensor w2) {
+  const char* op = "lowrank::monarch_matmul";
+  const MonarchDims d = monarch_dims(op, x, w1, w2);
+  STD_TORCH_CHECK(x.is_cuda(), op, ": expected CUDA tensors");
+  torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
+  const Tensor xc = torch::stable::contiguous(x);
+  const Tensor w1c = torch::stable::contiguous(w1);
+  const Tensor w2c = torch::stable::contiguous(w2);
+  Tensor out = torch::stable::new_empty(xc, monarch_out_shape(x, d.out));
+  if (d.batch == 0) return out;
+  check_sizes(op, d);
+  const GemmRunner R = make_runner(op, xc);
+  const Tensor mid = torch::stable::new_empty(xc, {d.batch, d.mid});
+  step1(R, d, xc, w1c, mid);
+  // F2: out[b, d·l + c] = Σ_a w2[c, d, a] · z[b, c, a]
+  R.run(operand(mid, d.r, d.mid, 1), operand(w2c, d.s * d.r, d.r, 1), output(out, 1, d.out, d.l), d.batch, d.s,
+        d.r, d.l);
+  return out;
+}
+
+std::tuple<Tensor, Tensor, Tensor> monarch_matmul_backward_cuda(Tensor grad_out, Tensor x, Tensor w1, Tensor w2,
+                                                                bool need_grad_x, bool need_grad_w) {
+  const char* op = "lowrank::monarch_matmul_backward";
+  const MonarchDims d = monarch_dims(op, x, w1, w2);
+  STD_TORCH_CHECK(x.is_cuda(), op, ": expected CUDA tensors");
+  check_same_dtype(op, grad_out, "grad_out", x, "x");
+  check_same_device(op, grad_out, "grad_out", x, "x");
+  {
+    const std::vector<int64_t> want = monarch_out_shape(x, d.out);
+    bool ok = grad_out.dim() == static_cast<int64_t>(want.size());
+    for (int64_t i = 0; ok && i < grad_out.dim(); ++i) ok = grad_out.size(i) == want[static_cast<size_t>(i)];
+    STD_TORCH_CHECK(ok, op, ": grad_out must have x's leading dimensions followed by l·s = ", d.out);
+  }
+  torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
+  const Tensor xc = torch::stable::contiguous(x);
+  const Tensor w1c = torch::stable::contiguous(w1);
+  const Tensor w2c = torch::stable::contiguous(w2);
+  const Tensor g = torch::stable::contiguous(grad_out);
+
+  Tensor dx = need_grad_x ? torch::stable::new_empty(xc, x.sizes()) : torch::stable::new_empty(xc, {0});
+  Tensor dw1 = need_grad_w ? torch::stable::new_empty(w1c, w1.sizes()) : torch::stable::new_empty(w1c, {0});
+  Tensor dw2 = need_grad_w ? torch::stable::new_empty(w2c, w2.sizes()) : torch::stable::new_empty(w2c, {0});
+  if (!need_grad_x && !need_grad_w) return {dx, dw1, dw2};
+  if (d.batch == 0) {
+    if (need_grad_w) {
+      torch::stable::zero_(dw1);
+      torch::stable::zero_(dw2);
+    }
+    return {dx, dw1, dw2};
+  }
+  check_sizes(op, d);
+  const GemmRunner R = make_runner(op, xc);
+
+  // G1: dy[b, a·l + c] = Σ_d g[b, d·l + c] · w2[c, d, a]   (dy natural (B, N), input dtype)
+  const Tensor dy = torch::stable::new_empty(xc, {d.batch, d.mid});
+  R.run(operand(g, 1, d.out, d.l), operand(w2c, d.s * d.r, 1, d.r), output(dy, 1, d.mid, d.l), d.batch, d.r, d.s,
+        d.l);
+
+  if (need_grad_x) {
+    // G3: dx[b, i·p + t] = Σ_j dy[b, i·q + j] · w1[i, j, t]
+    R.run(operand(dy, d.q, d.mid, 1), operand(w1c, d.q * d.p, 1, d.p), output(dx, d.p, d.n, 1), d.batch, d.p, d.q,
+          d.k);
+  }
+  if (need_grad_w) {
+    const Tensor mid = torch::stable::new_empty(xc, {d.batch, d.mid});
+    step1(R, d, xc, w1c, mid);
+    // G2: dw2[c, d, a] = Σ_b g[b, d·l + c] · z[b, c, a]
+    R.run(operand(g, 1, d.l, d.out), operand(mid, d.r, 1, d.mid), output(dw2, d.s * d.r, d.r, 1), d.s, d.r,
+          d.batch, d.l, /*allow_split=*/true, &dw2);
+    // G4: dw1[i, j, t] = Σ_b dy[b, i·q + j] · x[b, i·p + t]
+    R.run(operand(dy, d.q, 1, d.mid), operand(xc, d.p, 1, d.n), output(dw1, d.q * d.p, d.p, 1), d.q, d.p,
+          d.batch, d.k, /*allow_split=*/true, &dw1);
+  }
+  return {dx, dw1, dw2};
+}
+
+}  // namespace
+}  // namespace lowrank
+
+STABLE_TORCH_LIBRARY_IMPL(lowrank, CUDA, m) {
+  m.impl("monarch_matmul", TORCH_BOX(&lowrank::monarch_matmul_cuda));
+  m.impl("monarch_matmul_backward", TORCH_BOX(&lowrank::monarch_matmul_backward_cuda));
+}

@@ -1,0 +1,51 @@
+// Monarch shape contract, shared by the CPU and CUDA kernels.
+//   x (..., n), w1 (k, q, p) with k·p = n, w2 (l, s, r) with l·r = k·q = N; out (..., l·s).
+//   y[b, i·q + j]   = Σ_t w1[i, j, t] · x[b, i·p + t]          (block-diagonal factor 1)
+//   z[b, c, a]      = y[b, a·l + c]                             (permutation 'b (r l) -> b (l r)')
+//   out[b, d·l + c] = Σ_a w2[c, d, a] · z[b, c, a]              (factor 2, output order 'b (l s) -> b (s l)')
+#pragma once
+#include "common/checks.h"
+
+namespace lowrank {
+
+struct MonarchDims {
+  int64_t batch;       // product of x's leading dims
+  int64_t n, k, q, p;  // input width and factor-1 blocks (k blocks of q x p)
+  int64_t l, s, r;     // factor-2 blocks (l blocks of s x r)
+  int64_t mid;         // N = k·q = l·r
+  int64_t out;         // l·s
+};
+
+inline MonarchDims monarch_dims(const char* op, const Tensor& x, const Tensor& w1, const Tensor& w2) {
+  STD_TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dimension (..., n), got a 0-D tensor");
+  check_dim(op, w1, "w1", 3, "(k, q, p)");
+  check_dim(op, w2, "w2", 3, "(l, s, r)");
+  check_float_dtype(op, x, "x");
+  check_same_dtype(op, x, "x", w1, "w1");
+  check_same_dtype(op, x, "x", w2, "w2");
+  check_same_device(op, x, "x", w1, "w1");
+  check_same_device(op, x, "x", w2, "w2");
+  MonarchDims d;
+  d.n = x.size(x.dim() - 1);
+  d.k = w1.size(0), d.q = w1.size(1), d.p = w1.size(2);
+  d.l = w2.size(0), d.s = w2.size(1), d.r = w2.size(2);
+  STD_TORCH_CHECK(d.k > 0 && d.q > 0 && d.p > 0 && d.l > 0 && d.s > 0 && d.r > 0, op,
+                  ": w1 and w2 must have no zero-sized dimension");
+  STD_TORCH_CHECK(d.k * d.p == d.n, op, ": x's last dimension (", d.n, ") must equal k·p = ", d.k, "·", d.p, " = ",
+                  d.k * d.p, " for w1 of shape (", d.k, ", ", d.q, ", ", d.p, ")");
+  STD_TORCH_CHECK(d.l * d.r == d.k * d.q, op, ": w2 (", d.l, ", ", d.s, ", ", d.r, ") needs l·r = k·q, got ",
+                  d.l * d.r, " != ", d.k * d.q);
+  d.mid = d.k * d.q;
+  d.out = d.l * d.s;
+  d.batch = d.n > 0 ? x.numel() / d.n : 0;
+  return d;
+}
+
+// Output shape: x's leading dims followed by l·s.
+inline std::vector<int64_t> monarch_out_shape(const Tensor& x, int64_t out) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out;
+  return shape;
+}
+
+}  // namespace lowrank

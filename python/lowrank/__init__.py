@@ -1,0 +1,29 @@
+"""lowrank: PyTorch custom ops (C++/CUDA) for structured, low-rank and low-bit layers.
+
+Ops live under ``torch.ops.lowrank`` and are re-exported here with typed wrappers; modules under
+``lowrank.nn``; the pure-torch specification of every op under ``lowrank.reference``.
+"""
+from __future__ import annotations
+
+import torch
+
+from . import _loader
+
+_HAS_CUDA_KERNELS = _loader.load()
+
+from . import ops  # noqa: E402  (registers fakes and autograd after the libraries are loaded)
+from . import reference  # noqa: E402
+from .ops import monarch_matmul  # noqa: E402
+
+if not _HAS_CUDA_KERNELS:
+    _loader.register_missing_cuda(ops.OP_NAMES)
+
+from . import nn  # noqa: E402
+
+__version__ = "0.1.0"
+__all__ = ["monarch_matmul", "has_cuda_kernels", "nn", "ops", "reference"]
+
+
+def has_cuda_kernels() -> bool:
+    """True when the CUDA library was built and loaded (it still needs a GPU to run)."""
+    return _HAS_CUDA_KERNELS
