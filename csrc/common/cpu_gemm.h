@@ -23,6 +23,7 @@ struct Operand {
   T* ptr;
   int64_t gs, rs, cs;  // group, row and column strides in elements
   T& at(int64_t g, int64_t r, int64_t c) const { return ptr[g * gs + r * rs + c * cs]; }
+  Operand shifted(int64_t g, int64_t r, int64_t c) const { return Operand{&at(g, r, c), gs, rs, cs}; }
 };
 
 template <typename T>
@@ -54,74 +55,113 @@ std::unique_ptr<T, FreeDeleter> aligned_buffer(int64_t n) {
 }
 }  // namespace detail
 
-// Pack rows [0, rows) x cols [0, cols) of a strided view into a k-major strip of width W (zero-padded):
-// dst[k * W + w] = src(w, k). The loop order follows the smaller stride so reads stay in cache lines.
-template <typename Acc, typename T>
-void pack_strip(Acc* dst, const T* src, int64_t w_stride, int64_t k_stride, int64_t width, int64_t W, int64_t klen) {
+// Pack a [width x klen] strided view into ceil(width / W) k-major strips of width W, zero-padded:
+// strip t holds dst[t·klen·W + k·W + w] = src(t·W + w, k). The loop order follows the smaller stride, and
+// when that is the w stride every source row segment is read once for all strips (rows of a large
+// power-of-two stride would otherwise evict each other from the cache between strips).
+template <int64_t W, typename Acc, typename T>
+void pack_strips(Acc* dst, const T* src, int64_t w_stride, int64_t k_stride, int64_t width, int64_t klen) {
+  const int64_t strips = (width + W - 1) / W;
+  const int64_t padded = strips * W;
   if (w_stride < k_stride) {
     for (int64_t k = 0; k < klen; ++k) {
       const T* s = src + k * k_stride;
-      int64_t w = 0;
-      for (; w < width; ++w) dst[k * W + w] = static_cast<Acc>(s[w * w_stride]);
-      for (; w < W; ++w) dst[k * W + w] = Acc(0);
+      Acc* d = dst + k * W;
+      for (int64_t t = 0; t < strips; ++t, d += klen * W) {
+        const int64_t w0 = t * W, n = std::min(W, width - w0);
+        if (w_stride == 1) {
+          for (int64_t w = 0; w < n; ++w) d[w] = static_cast<Acc>(s[w0 + w]);
+        } else {
+          for (int64_t w = 0; w < n; ++w) d[w] = static_cast<Acc>(s[(w0 + w) * w_stride]);
+        }
+        for (int64_t w = n; w < W; ++w) d[w] = Acc(0);
+      }
     }
   } else {
-    for (int64_t w = 0; w < W; ++w) {
+    for (int64_t w = 0; w < padded; ++w) {
+      Acc* d = dst + (w / W) * klen * W + w % W;
       if (w < width) {
         const T* s = src + w * w_stride;
-        for (int64_t k = 0; k < klen; ++k) dst[k * W + w] = static_cast<Acc>(s[k * k_stride]);
+        for (int64_t k = 0; k < klen; ++k) d[k * W] = static_cast<Acc>(s[k * k_stride]);
       } else {
-        for (int64_t k = 0; k < klen; ++k) dst[k * W + w] = Acc(0);
+        for (int64_t k = 0; k < klen; ++k) d[k * W] = Acc(0);
       }
     }
   }
 }
 
-// Acc: float or double. TA/TB/TC: storage types (float, double, c10::Half, c10::BFloat16).
-// A task owns an MT x NC tile of C (MT = 4 MC rows) so one packed B slice serves 4 packed A blocks.
+// Tile sizes and per-thread buffers. Acc: float or double.
+template <typename Acc>
+struct GemmWorkspace {
+  static constexpr int64_t MR = kGemmMR;
+  static constexpr int64_t NR = 64 / sizeof(Acc);  // two 256-bit vectors
+  static constexpr int64_t MC = 16 * MR, MT = 4 * MC, NC = 16 * NR, KC = 256;
+  std::unique_ptr<Acc, detail::FreeDeleter> a = detail::aligned_buffer<Acc>(MC * KC);
+  std::unique_ptr<Acc, detail::FreeDeleter> b = detail::aligned_buffer<Acc>(KC * NC);
+  std::unique_ptr<Acc, detail::FreeDeleter> c = detail::aligned_buffer<Acc>(MT * NC);
+};
+
+// Pack a whole K x N operand (K <= KC, N <= NC) once, for gemm_tile calls that reuse it.
+template <typename Acc, typename TB>
+void pack_b(Acc* dst, int64_t K, int64_t N, Operand<const TB> B) {
+  constexpr int64_t NR = GemmWorkspace<Acc>::NR;
+  pack_strips<NR, Acc>(dst, B.ptr, B.cs, B.rs, N, K);
+}
+
+// One C tile, serially: C[mlen x nlen] = A[mlen x K] · B[K x nlen] (operands already offset to the tile),
+// mlen <= MT, nlen <= NC. A task owns the whole tile in an Acc buffer, so one packed B slice serves up to
+// 4 packed A blocks. packed_b, if given, is B packed by pack_b (then K <= KC). accumulate: C += A·B.
+// TA/TB/TC: storage types (float, double, c10::Half, c10::BFloat16).
+template <typename Acc, typename TA, typename TB, typename TC>
+void gemm_tile(int64_t mlen, int64_t nlen, int64_t K, Operand<const TA> A, Operand<const TB> B, Operand<TC> C,
+               GemmWorkspace<Acc>& ws, const Acc* packed_b = nullptr, bool accumulate = false) {
+  using W = GemmWorkspace<Acc>;
+  constexpr int64_t MR = W::MR, NR = W::NR, MC = W::MC, KC = W::KC;
+  Acc* Ap = ws.a.get();
+  Acc* Cb = ws.c.get();
+  const int64_t n_strips = (nlen + NR - 1) / NR, ldc = n_strips * NR;
+  std::memset(Cb, 0, sizeof(Acc) * ((mlen + MR - 1) / MR * MR) * ldc);  // incl. the last strip's slack rows
+  for (int64_t k0 = 0; k0 < K; k0 += KC) {
+    const int64_t klen = std::min(KC, K - k0);
+    const Acc* Bp = packed_b;
+    if (Bp == nullptr) {
+      pack_strips<NR, Acc>(ws.b.get(), &B.at(0, k0, 0), B.cs, B.rs, nlen, klen);
+      Bp = ws.b.get();
+    }
+    for (int64_t mb = 0; mb < mlen; mb += MC) {
+      const int64_t mblen = std::min(MC, mlen - mb), m_strips = (mblen + MR - 1) / MR;
+      pack_strips<MR, Acc>(Ap, &A.at(0, mb, k0), A.rs, A.cs, mblen, klen);
+      for (int64_t sn = 0; sn < n_strips; ++sn)
+        for (int64_t sm = 0; sm < m_strips; ++sm)
+          detail::micro_kernel(klen, Ap + sm * klen * MR, Bp + sn * klen * NR, Cb + (mb + sm * MR) * ldc + sn * NR,
+                               ldc);
+    }
+  }
+  for (int64_t r = 0; r < mlen; ++r) {
+    TC* dst = &C.at(0, r, 0);
+    const Acc* src = Cb + r * ldc;
+    if (accumulate) {
+      for (int64_t c = 0; c < nlen; ++c) dst[c * C.cs] = static_cast<TC>(static_cast<Acc>(dst[c * C.cs]) + src[c]);
+    } else {
+      for (int64_t c = 0; c < nlen; ++c) dst[c * C.cs] = static_cast<TC>(src[c]);
+    }
+  }
+}
+
+// for g < G: C_g = A_g · B_g, tasks of MT x NC tiles of C spread over torch's thread pool.
 template <typename Acc, typename TA, typename TB, typename TC>
 void strided_batched_gemm(int64_t G, int64_t M, int64_t N, int64_t K, Operand<const TA> A, Operand<const TB> B,
                           Operand<TC> C) {
-  constexpr int64_t MR = kGemmMR;
-  constexpr int64_t NR = 64 / sizeof(Acc);  // two 256-bit vectors
-  constexpr int64_t MC = 16 * MR, MT = 4 * MC, NC = 16 * NR, KC = 256;
+  using W = GemmWorkspace<Acc>;
   if (G <= 0 || M <= 0 || N <= 0) return;
-  const int64_t m_tiles = (M + MT - 1) / MT, n_tiles = (N + NC - 1) / NC;
-  const int64_t tasks = G * m_tiles * n_tiles;
-  torch::stable::parallel_for(0, tasks, 1, [&](int64_t begin, int64_t end) {
-    auto a_buf = detail::aligned_buffer<Acc>(MC * KC);
-    auto b_buf = detail::aligned_buffer<Acc>(KC * NC);
-    auto c_buf = detail::aligned_buffer<Acc>(MT * NC);
-    Acc* Ap = a_buf.get();
-    Acc* Bp = b_buf.get();
-    Acc* Cb = c_buf.get();
+  const int64_t m_tiles = (M + W::MT - 1) / W::MT, n_tiles = (N + W::NC - 1) / W::NC;
+  torch::stable::parallel_for(0, G * m_tiles * n_tiles, 1, [&](int64_t begin, int64_t end) {
+    W ws;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t g = task / (m_tiles * n_tiles);
-      const int64_t m0 = (task / n_tiles) % m_tiles * MT, n0 = task % n_tiles * NC;
-      const int64_t mlen = std::min(MT, M - m0), nlen = std::min(NC, N - n0);
-      const int64_t n_strips = (nlen + NR - 1) / NR, ldc = n_strips * NR;
-      std::memset(Cb, 0, sizeof(Acc) * ((mlen + MR - 1) / MR * MR) * ldc);  // incl. the last strip's slack rows
-      for (int64_t k0 = 0; k0 < K; k0 += KC) {
-        const int64_t klen = std::min(KC, K - k0);
-        for (int64_t st = 0; st < n_strips; ++st)
-          pack_strip<Acc>(Bp + st * klen * NR, &B.at(g, k0, n0 + st * NR), B.cs, B.rs,
-                          std::min(NR, nlen - st * NR), NR, klen);
-        for (int64_t mb = 0; mb < mlen; mb += MC) {
-          const int64_t mblen = std::min(MC, mlen - mb), m_strips = (mblen + MR - 1) / MR;
-          for (int64_t st = 0; st < m_strips; ++st)
-            pack_strip<Acc>(Ap + st * klen * MR, &A.at(g, m0 + mb + st * MR, k0), A.rs, A.cs,
-                            std::min(MR, mblen - st * MR), MR, klen);
-          for (int64_t sn = 0; sn < n_strips; ++sn)
-            for (int64_t sm = 0; sm < m_strips; ++sm)
-              detail::micro_kernel(klen, Ap + sm * klen * MR, Bp + sn * klen * NR,
-                                   Cb + (mb + sm * MR) * ldc + sn * NR, ldc);
-        }
-      }
-      for (int64_t r = 0; r < mlen; ++r) {
-        TC* dst = &C.at(g, m0 + r, n0);
-        const Acc* src = Cb + r * ldc;
-        for (int64_t c = 0; c < nlen; ++c) dst[c * C.cs] = static_cast<TC>(src[c]);
-      }
+      const int64_t m0 = (task / n_tiles) % m_tiles * W::MT, n0 = task % n_tiles * W::NC;
+      gemm_tile<Acc>(std::min(W::MT, M - m0), std::min(W::NC, N - n0), K, A.shifted(g, m0, 0),
+                     B.shifted(g, 0, n0), C.shifted(g, m0, n0), ws);
     }
   });
 }

@@ -1,11 +1,18 @@
-// Monarch forward and backward on the CPU: every step is one call of the strided batched GEMM engine
-// (common/cpu_gemm.h), with both permutations folded into operand strides — no permute copies.
-// The middle activation lives in an fp32 (fp64 for float64) scratch of shape (B, N), so bf16/fp16 inputs
-// keep full precision between the two factors. Backward recomputes it instead of saving it.
+// Monarch forward and backward on the CPU, on the strided GEMM engine of common/cpu_gemm.h with both
+// permutations folded into operand strides (no permute copies). Two schedules:
+//   fused (every block dimension <= one packed panel, 256 floats): factors packed once, each thread runs
+//     every step on a tile of rows whose middle activations stay in L2; weight gradients are summed per
+//     thread, then across threads;
+//   two-pass (larger blocks): one batched GEMM per step over a (B, N) scratch.
+// Middle activations are fp32 (fp64 for float64), so bf16/fp16 inputs keep full precision between the
+// factors. The backward recomputes the middle activation instead of saving it.
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 #include <torch/headeronly/util/BFloat16.h>
 #include <torch/headeronly/util/Half.h>
+
+#include <mutex>
+#include <vector>
 
 #include "common/cpu_gemm.h"
 #include "monarch/monarch_common.h"
@@ -28,9 +35,131 @@ void factor1(const MonarchDims& d, const T* x, const T* w1, Acc* mid) {
                                        operand<const T>(w1, d.q * d.p, 1, d.p), operand<Acc>(mid, d.q, d.mid, 1));
 }
 
+// Small blocks (every block dimension fits one packed panel): the factors are packed once, then each
+// thread runs all steps on a tile of rows whose middle activations stay in cache. With small blocks the
+// two-pass path would stream (B, N) scratches through memory and gather them at stride l.
+template <typename Acc>
+bool fits_fused(const MonarchDims& d) {
+  using W = GemmWorkspace<Acc>;
+  return std::max({d.p, d.q, d.r, d.s}) <= std::min(W::KC, W::NC);
+}
+
+// Both factors packed as GEMM B operands, once per call: w1 and w2 as used in the forward (transposed)
+// and, for the backward, as they are.
+template <typename Acc>
+struct PackedFactors {
+  int64_t panel1, panel2, panel1n, panel2n;
+  std::unique_ptr<Acc, detail::FreeDeleter> buf;
+  Acc *w1t, *w2t, *w1n, *w2n;
+  template <typename T>
+  PackedFactors(const MonarchDims& d, const T* w1, const T* w2, bool forward_only) {
+    constexpr int64_t NR = GemmWorkspace<Acc>::NR;
+    auto up = [](int64_t v) { return (v + NR - 1) / NR * NR; };
+    panel1 = up(d.q) * d.p, panel2 = up(d.s) * d.r, panel1n = up(d.p) * d.q, panel2n = up(d.r) * d.s;
+    const int64_t fwd = d.k * panel1 + d.l * panel2, bwd = forward_only ? 0 : d.k * panel1n + d.l * panel2n;
+    buf = detail::aligned_buffer<Acc>(fwd + bwd);
+    w1t = buf.get(), w2t = w1t + d.k * panel1, w1n = w2t + d.l * panel2, w2n = w1n + d.k * panel1n;
+    for (int64_t i = 0; i < d.k; ++i) {
+      const auto blk = operand<const T>(w1 + i * d.q * d.p, 0, 1, d.p);  // (t, j) -> w1[i, j, t]
+      pack_b<Acc>(w1t + i * panel1, d.p, d.q, blk);
+      if (!forward_only) pack_b<Acc>(w1n + i * panel1n, d.q, d.p, operand<const T>(blk.ptr, 0, d.p, 1));
+    }
+    for (int64_t c = 0; c < d.l; ++c) {
+      const auto blk = operand<const T>(w2 + c * d.s * d.r, 0, 1, d.r);  // (a, e) -> w2[c, e, a]
+      pack_b<Acc>(w2t + c * panel2, d.r, d.s, blk);
+      if (!forward_only) pack_b<Acc>(w2n + c * panel2n, d.s, d.r, operand<const T>(blk.ptr, 0, d.r, 1));
+    }
+  }
+};
+
+// Rows per tile so that `buffers` (rows, N) Acc tiles take about 1 MiB (L2-sized; fewer rows make the
+// weight-gradient GEMMs, whose depth is the row count, pay more for their C updates).
+template <typename Acc>
+int64_t fused_rows(const MonarchDims& d, int64_t buffers) {
+  using W = GemmWorkspace<Acc>;
+  const int64_t rows = (1024 << 10) / (buffers * d.mid * int64_t(sizeof(Acc))) / W::MR * W::MR;
+  return std::clamp<int64_t>(rows, W::MR, W::MT);
+}
+
+// mid rows [b0, b0 + nb) = BD(w1)·x, natural layout (rows, N)
+template <typename Acc, typename T>
+void fused_factor1(const MonarchDims& d, const PackedFactors<Acc>& pf, const T* x, int64_t b0, int64_t nb, Acc* mid,
+                   GemmWorkspace<Acc>& ws) {
+  for (int64_t i = 0; i < d.k; ++i)
+    gemm_tile<Acc>(nb, d.q, d.p, operand<const T>(x + b0 * d.n + i * d.p, 0, d.n, 1), Operand<const T>{},
+                   operand<Acc>(mid + i * d.q, 0, d.mid, 1), ws, pf.w1t + i * pf.panel1);
+}
+
+template <typename Acc, typename T>
+void forward_fused(const MonarchDims& d, const T* x, const T* w1, const T* w2, T* out) {
+  using W = GemmWorkspace<Acc>;
+  const PackedFactors<Acc> pf(d, w1, w2, /*forward_only=*/true);
+  const int64_t rows = fused_rows<Acc>(d, 1), tiles = (d.batch + rows - 1) / rows;
+  torch::stable::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    W ws;
+    auto mid_buf = detail::aligned_buffer<Acc>(rows * d.mid);
+    Acc* mid = mid_buf.get();
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b0 = t * rows, nb = std::min(rows, d.batch - b0);
+      fused_factor1(d, pf, x, b0, nb, mid, ws);
+      for (int64_t c = 0; c < d.l; ++c)  // out[b, e·l + c] = Σ_a w2[c,e,a]·mid[b, a·l + c]
+        gemm_tile<Acc>(nb, d.s, d.r, operand<const Acc>(mid + c, 0, d.mid, d.l), Operand<const T>{},
+                       operand<T>(out + b0 * d.out + c, 0, d.out, d.l), ws, pf.w2t + c * pf.panel2);
+    }
+  });
+}
+
+// Backward on row tiles. Weight gradients are summed per thread in Acc and then across threads.
+template <typename Acc, typename T>
+void backward_fused(const MonarchDims& d, const T* g, const T* x, const T* w1, const T* w2, T* dx, T* dw1, T* dw2) {
+  using W = GemmWorkspace<Acc>;
+  const PackedFactors<Acc> pf(d, w1, w2, /*forward_only=*/false);
+  const bool need_w = dw1 != nullptr;
+  const int64_t rows = fused_rows<Acc>(d, need_w ? 2 : 1), tiles = (d.batch + rows - 1) / rows;
+  const int64_t n1 = d.k * d.q * d.p, n2 = d.l * d.s * d.r, N = d.mid, m = d.out, l = d.l;
+  std::vector<Acc> dw_total(need_w ? n1 + n2 : 0, Acc(0));
+  std::mutex dw_lock;
+  torch::stable::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
+    W ws;
+    auto buf = detail::aligned_buffer<Acc>(rows * N * (need_w ? 2 : 1));
+    Acc* dy = buf.get();
+    Acc* mid = dy + rows * N;
+    std::vector<Acc> dw(need_w ? n1 + n2 : 0, Acc(0));
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t b0 = t * rows, nb = std::min(rows, d.batch - b0);
+      const T* gt = g + b0 * m;
+      for (int64_t c = 0; c < l; ++c)  // dy[b, a·l + c] = Σ_e g[b, e·l + c]·w2[c,e,a]
+        gemm_tile<Acc>(nb, d.r, d.s, operand<const T>(gt + c, 0, m, l), Operand<const T>{},
+                       operand<Acc>(dy + c, 0, N, l), ws, pf.w2n + c * pf.panel2n);
+      if (dx != nullptr)
+        for (int64_t i = 0; i < d.k; ++i)  // dx[b, i·p + t] = Σ_j dy[b, i·q + j]·w1[i,j,t]
+          gemm_tile<Acc>(nb, d.p, d.q, operand<const Acc>(dy + i * d.q, 0, N, 1), Operand<const T>{},
+                         operand<T>(dx + b0 * d.n + i * d.p, 0, d.n, 1), ws, pf.w1n + i * pf.panel1n);
+      if (!need_w) continue;
+      fused_factor1(d, pf, x, b0, nb, mid, ws);
+      for (int64_t c = 0; c < l; ++c)  // dw2[c,e,a] += Σ_b g[b, e·l + c]·mid[b, a·l + c]
+        gemm_tile<Acc>(d.s, d.r, nb, operand<const T>(gt + c, 0, l, m), operand<const Acc>(mid + c, 0, N, l),
+                       operand<Acc>(dw.data() + n1 + c * d.s * d.r, 0, d.r, 1), ws, nullptr, true);
+      for (int64_t i = 0; i < d.k; ++i)  // dw1[i,j,t] += Σ_b dy[b, i·q + j]·x[b, i·p + t]
+        gemm_tile<Acc>(d.q, d.p, nb, operand<const Acc>(dy + i * d.q, 0, 1, N),
+                       operand<const T>(x + b0 * d.n + i * d.p, 0, d.n, 1),
+                       operand<Acc>(dw.data() + i * d.q * d.p, 0, d.p, 1), ws, nullptr, true);
+    }
+    if (need_w) {
+      std::lock_guard<std::mutex> guard(dw_lock);
+      for (size_t e = 0; e < dw.size(); ++e) dw_total[e] += dw[e];
+    }
+  });
+  if (need_w) {
+    for (int64_t e = 0; e < n1; ++e) dw1[e] = static_cast<T>(dw_total[e]);
+    for (int64_t e = 0; e < n2; ++e) dw2[e] = static_cast<T>(dw_total[n1 + e]);
+  }
+}
+
 template <typename T>
 void forward(const MonarchDims& d, const T* x, const T* w1, const T* w2, T* out) {
   using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  if (fits_fused<Acc>(d)) return forward_fused<Acc>(d, x, w1, w2, out);
   auto mid_t = torch::stable::empty({d.batch, d.mid}, acc_scalar_type<Acc>());
   Acc* mid = static_cast<Acc*>(mid_t.data_ptr());
   factor1<Acc>(d, x, w1, mid);
@@ -42,6 +171,7 @@ void forward(const MonarchDims& d, const T* x, const T* w1, const T* w2, T* out)
 template <typename T>
 void backward(const MonarchDims& d, const T* g, const T* x, const T* w1, const T* w2, T* dx, T* dw1, T* dw2) {
   using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  if (fits_fused<Acc>(d)) return backward_fused<Acc>(d, g, x, w1, w2, dx, dw1, dw2);
   const int64_t B = d.batch, N = d.mid, m = d.out, l = d.l;
   auto dy_t = torch::stable::empty({B, N}, acc_scalar_type<Acc>());
   Acc* dy = static_cast<Acc*>(dy_t.data_ptr());

@@ -46,6 +46,7 @@ def _check_meta(op: str, x, w1, w2):
     torch._check(x.device == w1.device == w2.device, lambda: f"{op}: x, w1 and w2 must be on the same device")
     k, q, p = w1.shape
     l, s, r = w2.shape
+    torch._check(min(k, q, p, l, s, r) > 0, lambda: f"{op}: w1 and w2 must have no zero-sized dimension")
     torch._check(k * p == x.shape[-1], lambda: f"{op}: x's last dimension must equal k·p = {k * p}")
     torch._check(l * r == k * q, lambda: f"{op}: w2 needs l·r = k·q")
     return l * s
@@ -59,7 +60,14 @@ def _monarch_matmul_fake(x, w1, w2):
 
 @torch.library.register_fake(_BWD)
 def _monarch_matmul_backward_fake(grad_out, x, w1, w2, need_grad_x, need_grad_w):
-    _check_meta("lowrank.monarch_matmul_backward", x, w1, w2)
+    op = "lowrank.monarch_matmul_backward"
+    out = _check_meta(op, x, w1, w2)
+    torch._check(grad_out.dtype == x.dtype, lambda: f"{op}: grad_out and x must have the same dtype")
+    torch._check(grad_out.device == x.device, lambda: f"{op}: grad_out and x must be on the same device")
+    torch._check(
+        tuple(grad_out.shape) == (*x.shape[:-1], out),
+        lambda: f"{op}: grad_out must have the output's shape (x's leading dims, l·s = {out})",
+    )
     dx = x.new_empty(x.shape) if need_grad_x else x.new_empty((0,))
     dw1 = w1.new_empty(w1.shape) if need_grad_w else w1.new_empty((0,))
     dw2 = w2.new_empty(w2.shape) if need_grad_w else w2.new_empty((0,))
@@ -84,3 +92,15 @@ def _backward(ctx, grad_out):
 
 
 torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "lowrank.monarch_matmul: double backward (differentiating a gradient taken with create_graph=True) "
+        "is not supported"
+    )
+
+
+# Without this, autograd would treat the backward op as constant and second-order gradients would be
+# silently zero.
+torch.library.register_autograd(_BWD, _no_double_backward, setup_context=lambda ctx, inputs, output: None)
