@@ -59,16 +59,21 @@ struct PackedFactors {
     const int64_t fwd = d.k * panel1 + d.l * panel2, bwd = forward_only ? 0 : d.k * panel1n + d.l * panel2n;
     buf = detail::aligned_buffer<Acc>(fwd + bwd);
     w1t = buf.get(), w2t = w1t + d.k * panel1, w1n = w2t + d.l * panel2, w2n = w1n + d.k * panel1n;
-    for (int64_t i = 0; i < d.k; ++i) {
-      const auto blk = operand<const T>(w1 + i * d.q * d.p, 0, 1, d.p);  // (t, j) -> w1[i, j, t]
-      pack_b<Acc>(w1t + i * panel1, d.p, d.q, blk);
-      if (!forward_only) pack_b<Acc>(w1n + i * panel1n, d.q, d.p, operand<const T>(blk.ptr, 0, d.p, 1));
-    }
-    for (int64_t c = 0; c < d.l; ++c) {
-      const auto blk = operand<const T>(w2 + c * d.s * d.r, 0, 1, d.r);  // (a, e) -> w2[c, e, a]
-      pack_b<Acc>(w2t + c * panel2, d.r, d.s, blk);
-      if (!forward_only) pack_b<Acc>(w2n + c * panel2n, d.s, d.r, operand<const T>(blk.ptr, 0, d.r, 1));
-    }
+    // one task per block, so packing large factors for a short batch does not run on one thread
+    torch::stable::parallel_for(0, d.k + d.l, 1, [&](int64_t begin, int64_t end) {
+      for (int64_t t = begin; t < end; ++t) {
+        if (t < d.k) {
+          const auto blk = operand<const T>(w1 + t * d.q * d.p, 0, 1, d.p);  // (t, j) -> w1[i, j, t]
+          pack_b<Acc>(w1t + t * panel1, d.p, d.q, blk);
+          if (!forward_only) pack_b<Acc>(w1n + t * panel1n, d.q, d.p, operand<const T>(blk.ptr, 0, d.p, 1));
+        } else {
+          const int64_t c = t - d.k;
+          const auto blk = operand<const T>(w2 + c * d.s * d.r, 0, 1, d.r);  // (a, e) -> w2[c, e, a]
+          pack_b<Acc>(w2t + c * panel2, d.r, d.s, blk);
+          if (!forward_only) pack_b<Acc>(w2n + c * panel2n, d.s, d.r, operand<const T>(blk.ptr, 0, d.r, 1));
+        }
+      }
+    });
   }
 };
 
@@ -77,8 +82,11 @@ struct PackedFactors {
 template <typename Acc>
 int64_t fused_rows(const MonarchDims& d, int64_t buffers) {
   using W = GemmWorkspace<Acc>;
-  const int64_t rows = (1024 << 10) / (buffers * d.mid * int64_t(sizeof(Acc))) / W::MR * W::MR;
-  return std::clamp<int64_t>(rows, W::MR, W::MT);
+  const int64_t rows = (1024 << 10) / (buffers * d.mid * int64_t(sizeof(Acc)));
+  const int64_t threads = std::max<int64_t>(1, torch::stable::get_num_threads());
+  const int64_t per_thread = (d.batch + threads - 1) / threads;  // a short batch still uses every thread
+  const int64_t fair = (per_thread + W::MR - 1) / W::MR * W::MR;
+  return std::clamp<int64_t>(std::min(rows / W::MR * W::MR, fair), W::MR, W::MT);
 }
 
 // mid rows [b0, b0 + nb) = BD(w1)·x, natural layout (rows, N)
