@@ -95,7 +95,7 @@ template <typename Acc>
 struct GemmWorkspace {
   static constexpr int64_t MR = kGemmMR;
   static constexpr int64_t NR = 64 / sizeof(Acc);  // two 256-bit vectors
-  static constexpr int64_t MC = 16 * MR, MT = 4 * MC, NC = 16 * NR, KC = 256;
+  static constexpr int64_t MC = 16 * MR, MT = 2 * MC, NC = 64 * NR, KC = 256;
   std::unique_ptr<Acc, detail::FreeDeleter> a = detail::aligned_buffer<Acc>(MC * KC);
   std::unique_ptr<Acc, detail::FreeDeleter> b = detail::aligned_buffer<Acc>(KC * NC);
   std::unique_ptr<Acc, detail::FreeDeleter> c = detail::aligned_buffer<Acc>(MT * NC);
@@ -110,7 +110,8 @@ void pack_b(Acc* dst, int64_t K, int64_t N, Operand<const TB> B) {
 
 // One C tile, serially: C[mlen x nlen] = A[mlen x K] · B[K x nlen] (operands already offset to the tile),
 // mlen <= MT, nlen <= NC. A task owns the whole tile in an Acc buffer, so one packed B slice serves up to
-// 4 packed A blocks. packed_b, if given, is B packed by pack_b (then K <= KC). accumulate: C += A·B.
+// several packed A blocks. packed_b, if given, is B already packed: per KC slice of K, ceil(nlen / NR)
+// strips of klen x NR (pack_b's layout when K <= KC). accumulate: C += A·B.
 // TA/TB/TC: storage types (float, double, c10::Half, c10::BFloat16).
 template <typename Acc, typename TA, typename TB, typename TC>
 void gemm_tile(int64_t mlen, int64_t nlen, int64_t K, Operand<const TA> A, Operand<const TB> B, Operand<TC> C,
@@ -123,7 +124,7 @@ void gemm_tile(int64_t mlen, int64_t nlen, int64_t K, Operand<const TA> A, Opera
   std::memset(Cb, 0, sizeof(Acc) * ((mlen + MR - 1) / MR * MR) * ldc);  // incl. the last strip's slack rows
   for (int64_t k0 = 0; k0 < K; k0 += KC) {
     const int64_t klen = std::min(KC, K - k0);
-    const Acc* Bp = packed_b;
+    const Acc* Bp = packed_b == nullptr ? nullptr : packed_b + (k0 / KC) * KC * ldc;
     if (Bp == nullptr) {
       pack_strips<NR, Acc>(ws.b.get(), &B.at(0, k0, 0), B.cs, B.rs, nlen, klen);
       Bp = ws.b.get();
@@ -148,20 +149,36 @@ void gemm_tile(int64_t mlen, int64_t nlen, int64_t K, Operand<const TA> A, Opera
   }
 }
 
-// for g < G: C_g = A_g · B_g, tasks of MT x NC tiles of C spread over torch's thread pool.
+// for g < G: C_g = A_g · B_g. B is packed once for the whole call (every task of a row range would
+// otherwise repack it), then tasks of MT x NC tiles of C spread over torch's thread pool.
 template <typename Acc, typename TA, typename TB, typename TC>
 void strided_batched_gemm(int64_t G, int64_t M, int64_t N, int64_t K, Operand<const TA> A, Operand<const TB> B,
                           Operand<TC> C) {
   using W = GemmWorkspace<Acc>;
   if (G <= 0 || M <= 0 || N <= 0) return;
   const int64_t m_tiles = (M + W::MT - 1) / W::MT, n_tiles = (N + W::NC - 1) / W::NC;
+  const int64_t k_blocks = std::max<int64_t>(1, (K + W::KC - 1) / W::KC);
+  const int64_t last_n = N - (n_tiles - 1) * W::NC;
+  const int64_t group_size = (n_tiles - 1) * K * W::NC + K * ((last_n + W::NR - 1) / W::NR * W::NR);
+  auto packed = detail::aligned_buffer<Acc>(std::max<int64_t>(1, G * group_size));
+  auto panel = [&](int64_t g, int64_t nt) { return packed.get() + g * group_size + nt * K * W::NC; };
+  torch::stable::parallel_for(0, G * n_tiles * k_blocks, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const int64_t g = t / (n_tiles * k_blocks), nt = t / k_blocks % n_tiles, kb = t % k_blocks;
+      const int64_t n0 = nt * W::NC, nlen = std::min(W::NC, N - n0), k0 = kb * W::KC;
+      const int64_t ldc = (nlen + W::NR - 1) / W::NR * W::NR;
+      if (k0 < K)
+        pack_strips<W::NR, Acc>(panel(g, nt) + k0 * ldc, &B.at(g, k0, n0), B.cs, B.rs, nlen,
+                                std::min(W::KC, K - k0));
+    }
+  });
   torch::stable::parallel_for(0, G * m_tiles * n_tiles, 1, [&](int64_t begin, int64_t end) {
     W ws;
     for (int64_t task = begin; task < end; ++task) {
       const int64_t g = task / (m_tiles * n_tiles);
-      const int64_t m0 = (task / n_tiles) % m_tiles * W::MT, n0 = task % n_tiles * W::NC;
+      const int64_t m0 = (task / n_tiles) % m_tiles * W::MT, nt = task % n_tiles, n0 = nt * W::NC;
       gemm_tile<Acc>(std::min(W::MT, M - m0), std::min(W::NC, N - n0), K, A.shifted(g, m0, 0),
-                     B.shifted(g, 0, n0), C.shifted(g, m0, n0), ws);
+                     B.shifted(g, 0, n0), C.shifted(g, m0, n0), ws, panel(g, nt));
     }
   });
 }

@@ -6,6 +6,12 @@
 //   fp16 / bf16: mma.sync m16n8k16 tensor cores, fp32 accumulate, 128x128x32 (or 64x64x32 when that
 //                tile count would not fill the GPU) CTA tiles, 4-stage cp.async pipeline;
 //   fp32:        SIMT fp32 FMA (exact fp32, no TF32), 64x64x16 tiles.
+// Forward, fp16 / bf16 with small blocks: one fused kernel (monarch_fused.cuh) instead of F1 + F2 -- each
+// CTA keeps a BM-row tile of mid (BM = 64 / 32 / 16) in shared memory, so mid never touches HBM and both
+// permutations are smem addressing. Used when p, q, r, s are multiples of 16 and <= 128, the
+// l·max(r, s) x BM buffer plus two weight stages fit the opt-in shared memory for some BM >= 16, and x,
+// w1, w2, out are 16-byte aligned (e.g. n = 4096 with 64 blocks of 64x64 -> BM = 16; n = 1024 with
+// 32 blocks of 32x32 -> BM = 32 or 64); otherwise (and for fp32, and in the backward) the two GEMMs below.
 // Weight gradients contract over the batch (K = B): when their output tiles are too few for the GPU, K
 // is split, each split writes an fp32 slice of a workspace and a reduce kernel sums the slices into the
 // weight's dtype (deterministic, no atomics).
@@ -47,6 +53,7 @@
 
 #include "common/strided_gemm.cuh"
 #include "monarch/monarch_common.h"
+#include "monarch/monarch_fused.cuh"
 
 namespace lowrank {
 namespace {
@@ -162,6 +169,44 @@ void step1(const GemmRunner& R, const MonarchDims& d, const Tensor& x, const Ten
   R.run(operand(x, d.p, d.n, 1), operand(w1, d.q * d.p, d.p, 1), c, d.batch, d.q, d.p, d.k);
 }
 
+int smem_optin(int32_t device_index) {
+  int v = 0;
+  const cudaError_t e = cudaDeviceGetAttribute(&v, cudaDevAttrMaxSharedMemoryPerBlockOptin, device_index);
+  if (e != cudaSuccess || v <= 0) {
+    (void)cudaGetLastError();
+    return 48 * 1024;
+  }
+  return v;
+}
+
+bool aligned16(const void* p) { return (reinterpret_cast<uintptr_t>(p) & 15) == 0; }
+
+// Fused forward (monarch_fused.cuh) when the dtype is 16-bit, the blocks are small (p, q, r, s multiples
+// of 16 and <= 128), the mid tile of at least 16 rows fits shared memory, and every pointer is 16-byte
+// aligned. Returns false (nothing launched) otherwise.
+bool try_fused_forward(const char* op, const MonarchDims& d, const Tensor& x, const Tensor& w1, const Tensor& w2,
+                       const Tensor& out) {
+  const ScalarType st = x.scalar_type();
+  if (st != ScalarType::Half && st != ScalarType::BFloat16) return false;
+  if (!aligned16(x.const_data_ptr()) || !aligned16(w1.const_data_ptr()) || !aligned16(w2.const_data_ptr()) ||
+      !aligned16(out.const_data_ptr()))
+    return false;
+  const int32_t dev = x.get_device_index();
+  const mfused::Plan pl =
+      mfused::plan_fused(d.batch, d.k, d.q, d.p, d.l, d.s, d.r, num_sms(dev), smem_optin(dev));
+  if (!pl.ok) return false;
+  mfused::Plan plc = pl;
+  plc.P.x = x.const_data_ptr();
+  plc.P.w1 = w1.const_data_ptr();
+  plc.P.w2 = w2.const_data_ptr();
+  plc.P.out = out.mutable_data_ptr();
+  const cudaStream_t stream = current_stream(dev);
+  const cudaError_t e = st == ScalarType::Half ? mfused::launch_fused<__half>(plc, stream)
+                                               : mfused::launch_fused<__nv_bfloat16>(plc, stream);
+  check_cuda(e, op, "fused forward launch");
+  return true;
+}
+
 GemmRunner make_runner(const char* op, const Tensor& x) {
   const int32_t dev = x.get_device_index();
   return GemmRunner{op, x.scalar_type(), dev, num_sms(dev), current_stream(dev), x};
@@ -178,6 +223,7 @@ Tensor monarch_matmul_cuda(Tensor x, Tensor w1, Tensor w2) {
   Tensor out = torch::stable::new_empty(xc, monarch_out_shape(x, d.out));
   if (d.batch == 0) return out;
   check_sizes(op, d);
+  if (try_fused_forward(op, d, xc, w1c, w2c, out)) return out;
   const GemmRunner R = make_runner(op, xc);
   const Tensor mid = torch::stable::new_empty(xc, {d.batch, d.mid});
   step1(R, d, xc, w1c, mid);

@@ -1,6 +1,6 @@
 // Monarch forward and backward on the CPU, on the strided GEMM engine of common/cpu_gemm.h with both
 // permutations folded into operand strides (no permute copies). Two schedules:
-//   fused (every block dimension <= one packed panel, 256 floats): factors packed once, each thread runs
+//   fused (every block dimension <= 128): factors packed once, each thread runs
 //     every step on a tile of rows whose middle activations stay in L2; weight gradients are summed per
 //     thread, then across threads;
 //   two-pass (larger blocks): one batched GEMM per step over a (B, N) scratch.
@@ -35,13 +35,13 @@ void factor1(const MonarchDims& d, const T* x, const T* w1, Acc* mid) {
                                        operand<const T>(w1, d.q * d.p, 1, d.p), operand<Acc>(mid, d.q, d.mid, 1));
 }
 
-// Small blocks (every block dimension fits one packed panel): the factors are packed once, then each
-// thread runs all steps on a tile of rows whose middle activations stay in cache. With small blocks the
-// two-pass path would stream (B, N) scratches through memory and gather them at stride l.
+// Small blocks (every block dimension <= 128): the factors are packed once, then each thread runs all
+// steps on a tile of rows whose middle activations stay in cache. With small blocks the two-pass path
+// would stream (B, N) scratches through memory and gather them at stride l. From 256 on, the two-pass
+// path measured faster here (its weight-gradient GEMMs contract over the whole batch at once).
 template <typename Acc>
 bool fits_fused(const MonarchDims& d) {
-  using W = GemmWorkspace<Acc>;
-  return std::max({d.p, d.q, d.r, d.s}) <= std::min(W::KC, W::NC);
+  return std::max({d.p, d.q, d.r, d.s}) <= std::min<int64_t>(GemmWorkspace<Acc>::KC, 128);
 }
 
 // Both factors packed as GEMM B operands, once per call: w1 and w2 as used in the forward (transposed)
