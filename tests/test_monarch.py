@@ -57,15 +57,16 @@ BATCH_DIMS = ("batch_2x5", (2, 5), (3, 5, 7), (5, 9, 3))
 BATCH_1 = ("batch_1", (1,), (8, 192, 96), (24, 16, 64))
 BATCH_769 = ("batch_769", (769,), (3, 5, 7), (5, 9, 3))
 VECTOR_X = ("x_1d", (), (4, 4, 4), (4, 4, 4))
-# Past every CPU GEMM tile edge (MC=96, MT=384, NC=256, KC=256): odd K > KC, N > NC, batch > MT.
+# Past every CPU GEMM tile edge (MC=96, MT=192, NC=1024 floats, KC=256): odd K > KC, N > NC, M > MT.
 TILE_EDGES = ("tile_edges", (397,), (2, 259, 257), (2, 385, 259))
+TILE_EDGES_WIDE = ("tile_edges_wide", (397,), (1, 1031, 13), (1, 7, 1031))
 
 VALUE_SHAPES = [SQRT_16, SQRT_1024, FLY_RECT, ML_768_3072, ML_3072_768, ML_PAD, ODD, P1, Q1, K1, L1,
-                BATCH_DIMS, BATCH_1, BATCH_769, VECTOR_X, TILE_EDGES]
+                BATCH_DIMS, BATCH_1, BATCH_769, VECTOR_X, TILE_EDGES, TILE_EDGES_WIDE]
 GRADCHECK_SHAPES = [SQRT_16, ("odd_small", (2,), (3, 5, 7), (5, 9, 3)), ("rect_small", (2,), (4, 3, 2), (2, 5, 6)),
                     P1, Q1, ("batch_2x3", (2, 3), (2, 3, 4), (3, 2, 2)), ML_PAD]
 GRAD_SHAPES = [("sqrt_n1024_b8", (8,), (32, 32, 32), (32, 32, 32)), FLY_RECT, ML_768_3072, ML_3072_768,
-               ("odd_b33", (33,), (3, 5, 7), (5, 9, 3)), BATCH_DIMS, TILE_EDGES]
+               ("odd_b33", (33,), (3, 5, 7), (5, 9, 3)), BATCH_DIMS, TILE_EDGES, TILE_EDGES_WIDE]
 OPCHECK_SHAPES = [SQRT_16, ODD, BATCH_DIMS]
 DENSE_SHAPES = [SQRT_16, ODD, FLY_RECT, ML_PAD, P1, Q1]
 
@@ -204,14 +205,18 @@ def test_forward_matches_bmm_path(device):
 
 
 @pytest.mark.parametrize("device", devices)
-def test_deterministic(device):
-    """Same inputs, bit-identical outputs and gradients (no atomics, fixed reduction order)."""
-    x, w1, w2 = make_inputs(*TILE_EDGES[1:], device=device)
-    grad_out = torch.randn(*TILE_EDGES[1], 770, device=device)
+@pytest.mark.parametrize("shape", [TILE_EDGES, ("small_blocks_b4000", (4000,), (8, 16, 16), (8, 16, 16))],
+                         ids=shape_id)
+def test_deterministic(device, shape):
+    """Same inputs, bit-identical outputs and gradients (no atomics, fixed reduction order), for the
+    two-pass and the fused (small blocks, per-thread weight-gradient partials) CPU schedules."""
+    x, w1, w2 = make_inputs(*shape[1:], device=device)
+    grad_out = torch.randn(*shape[1], shape[3][0] * shape[3][1], device=device)  # (..., l·s)
     assert torch.equal(lowrank.monarch_matmul(x, w1, w2), lowrank.monarch_matmul(x, w1, w2))
-    first = torch.ops.lowrank.monarch_matmul_backward(grad_out, x, w1, w2, True, True)
-    second = torch.ops.lowrank.monarch_matmul_backward(grad_out, x, w1, w2, True, True)
-    assert all(torch.equal(a, b) for a, b in zip(first, second))
+    for _ in range(3):
+        first = torch.ops.lowrank.monarch_matmul_backward(grad_out, x, w1, w2, True, True)
+        second = torch.ops.lowrank.monarch_matmul_backward(grad_out, x, w1, w2, True, True)
+        assert all(torch.equal(a, b) for a, b in zip(first, second))
 
 
 def test_op_and_wrapper_are_the_same():

@@ -11,6 +11,7 @@
 #include <torch/headeronly/util/BFloat16.h>
 #include <torch/headeronly/util/Half.h>
 
+#include <map>
 #include <mutex>
 #include <vector>
 
@@ -125,7 +126,8 @@ void backward_fused(const MonarchDims& d, const T* g, const T* x, const T* w1, c
   const bool need_w = dw1 != nullptr;
   const int64_t rows = fused_rows<Acc>(d, need_w ? 2 : 1), tiles = (d.batch + rows - 1) / rows;
   const int64_t n1 = d.k * d.q * d.p, n2 = d.l * d.s * d.r, N = d.mid, m = d.out, l = d.l;
-  std::vector<Acc> dw_total(need_w ? n1 + n2 : 0, Acc(0));
+  // per-chunk partial sums keyed by the chunk's first tile, added in that order: bit-reproducible
+  std::map<int64_t, std::vector<Acc>> partials;
   std::mutex dw_lock;
   torch::stable::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     W ws;
@@ -155,10 +157,13 @@ void backward_fused(const MonarchDims& d, const T* g, const T* x, const T* w1, c
     }
     if (need_w) {
       std::lock_guard<std::mutex> guard(dw_lock);
-      for (size_t e = 0; e < dw.size(); ++e) dw_total[e] += dw[e];
+      partials.emplace(begin, std::move(dw));
     }
   });
   if (need_w) {
+    std::vector<Acc> dw_total(n1 + n2, Acc(0));
+    for (const auto& part : partials)
+      for (int64_t e = 0; e < n1 + n2; ++e) dw_total[e] += part.second[e];
     for (int64_t e = 0; e < n1; ++e) dw1[e] = static_cast<T>(dw_total[e]);
     for (int64_t e = 0; e < n2; ++e) dw2[e] = static_cast<T>(dw_total[n1 + e]);
   }
