@@ -239,12 +239,7 @@ Tensor monarch_matmul_cpu(Tensor x, Tensor w1, Tensor w2) {
 std::tuple<Tensor, Tensor, Tensor> monarch_matmul_backward_cpu(Tensor grad_out, Tensor x, Tensor w1, Tensor w2,
                                                                bool need_grad_x, bool need_grad_w) {
   const MonarchDims d = monarch_dims(kBwd, x, w1, w2);
-  check_same_dtype(kBwd, grad_out, "grad_out", x, "x");
-  check_same_device(kBwd, grad_out, "grad_out", x, "x");
-  const auto expect = monarch_out_shape(x, d.out);
-  bool shape_ok = grad_out.dim() == static_cast<int64_t>(expect.size());
-  for (size_t i = 0; shape_ok && i < expect.size(); ++i) shape_ok = grad_out.size(i) == expect[i];
-  STD_TORCH_CHECK(shape_ok, kBwd, ": grad_out must have the output's shape (x's leading dims, l·s = ", d.out, ")");
+  check_monarch_grad_out(kBwd, grad_out, x, d);
   grad_out = torch::stable::contiguous(grad_out);
   x = torch::stable::contiguous(x);
   w1 = torch::stable::contiguous(w1);
