@@ -213,7 +213,7 @@ GemmRunner make_runner(const char* op, const Tensor& x) {
 }
 
 Tensor monarch_matmul_cuda(Tensor x, Tensor w1, Tensor w2) {
-  const char* op = "lowrank::monarch_matmul";
+  const char* op = "lowrank.monarch_matmul";
   const MonarchDims d = monarch_dims(op, x, w1, w2);
   STD_TORCH_CHECK(x.is_cuda(), op, ": expected CUDA tensors");
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
@@ -235,17 +235,10 @@ Tensor monarch_matmul_cuda(Tensor x, Tensor w1, Tensor w2) {
 
 std::tuple<Tensor, Tensor, Tensor> monarch_matmul_backward_cuda(Tensor grad_out, Tensor x, Tensor w1, Tensor w2,
                                                                 bool need_grad_x, bool need_grad_w) {
-  const char* op = "lowrank::monarch_matmul_backward";
+  const char* op = "lowrank.monarch_matmul_backward";
   const MonarchDims d = monarch_dims(op, x, w1, w2);
   STD_TORCH_CHECK(x.is_cuda(), op, ": expected CUDA tensors");
-  check_same_dtype(op, grad_out, "grad_out", x, "x");
-  check_same_device(op, grad_out, "grad_out", x, "x");
-  {
-    const std::vector<int64_t> want = monarch_out_shape(x, d.out);
-    bool ok = grad_out.dim() == static_cast<int64_t>(want.size());
-    for (int64_t i = 0; ok && i < grad_out.dim(); ++i) ok = grad_out.size(i) == want[static_cast<size_t>(i)];
-    STD_TORCH_CHECK(ok, op, ": grad_out must have x's leading dimensions followed by l·s = ", d.out);
-  }
+  check_monarch_grad_out(op, grad_out, x, d);
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   const Tensor xc = torch::stable::contiguous(x);
   const Tensor w1c = torch::stable::contiguous(w1);

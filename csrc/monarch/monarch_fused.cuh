@@ -68,7 +68,7 @@ struct Params {
 };
 
 // Swizzled position (in 16-byte chunks) of the linear chunk index L of a tile.
-__device__ __forceinline__ int swz(int L) { return L ^ (((L >> 3) ^ (L >> 6) ^ (L >> 9)) & 7); }
+__device__ __forceinline__ int swz(int L) { return L ^ (((L >> 3) ^ (L >> 6) ^ (L >> 9) ^ (L >> 12)) & 7); }
 
 template <typename T>
 __device__ __forceinline__ uint32_t pack2(float lo, float hi);
