@@ -13,6 +13,7 @@
 #include <cstdlib>
 #include <cstring>
 #include <memory>
+#include <new>
 
 namespace lowrank {
 
@@ -51,7 +52,9 @@ struct FreeDeleter {
 template <typename T>
 std::unique_ptr<T, FreeDeleter> aligned_buffer(int64_t n) {
   const size_t bytes = ((static_cast<size_t>(n) * sizeof(T) + 63) / 64) * 64;
-  return std::unique_ptr<T, FreeDeleter>(static_cast<T*>(std::aligned_alloc(64, bytes)));
+  T* p = static_cast<T*>(std::aligned_alloc(64, bytes));
+  if (p == nullptr) throw std::bad_alloc();  // surfaces as a Python exception, not a crash
+  return std::unique_ptr<T, FreeDeleter>(p);
 }
 }  // namespace detail
 
