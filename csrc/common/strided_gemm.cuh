@@ -229,7 +229,7 @@ __global__ void __launch_bounds__(WM* WN * 32, MINB) mma_gemm_kernel(const Probl
   const TileIndex t = decode_tile(P);
   const int m0 = t.mt * BM, n0 = t.nt * BN;
   const int kbeg = t.split * P.k_per_split;
-  const int kend = min(P.K, kbeg + P.k_per_split);
+  const int kend = static_cast<int>(min(static_cast<int64_t>(P.K), static_cast<int64_t>(kbeg) + P.k_per_split));
   const int KT = kend > kbeg ? (kend - kbeg + kBK - 1) / kBK : 0;
 
   const uint16_t* a_base = static_cast<const uint16_t*>(P.a.ptr) + static_cast<int64_t>(t.g) * P.a.gs;
@@ -369,7 +369,7 @@ __global__ void __launch_bounds__(kSimtNT) simt_gemm_kernel(const Problem P) {
   const TileIndex t = decode_tile(P);
   const int m0 = t.mt * BM, n0 = t.nt * BN;
   const int kbeg = t.split * P.k_per_split;
-  const int kend = min(P.K, kbeg + P.k_per_split);
+  const int kend = static_cast<int>(min(static_cast<int64_t>(P.K), static_cast<int64_t>(kbeg) + P.k_per_split));
   const float* a_base = static_cast<const float*>(P.a.ptr) + static_cast<int64_t>(t.g) * P.a.gs;
   const float* b_base = static_cast<const float*>(P.b.ptr) + static_cast<int64_t>(t.g) * P.b.gs;
   // Coalesce the global reads along whichever index has the smaller stride.

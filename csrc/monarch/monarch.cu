@@ -28,12 +28,12 @@
 //   GEMM            groups  M  N  K  | A: base gs s_mn s_k    | B: base gs  s_mn s_k | C: base gs rs cs
 //   F1 y = x·w1^T    k      B  q  p  | x    p    n    1       | w1  q·p  p   1      | mid perm(l,q,r) rs N
 //   F2 u = z·w2^T    l      B  s  r  | mid  r    N    1       | w2  s·r  r   1      | out  1   L   l
-//   G1 dz = gu·w2    l      B  r  s  | g    1    L    l       | w2  s·r  1   r      | dy   1   N   l
-//   G2 dw2 = gu^T·z  l      s  r  B  | g    1    l    L       | mid r    1   N      | dw2 s·r  r   1
+//   G1 dz = gu·w2    l      B  r  s  | gu   s    L    1       | w2  s·r  1   r      | dy   1   N   l
+//   G2 dw2 = gu^T·z  l      s  r  B  | gu   s    1    L       | mid r    1   N      | dw2 s·r  r   1
 //   G3 dx = dy·w1    k      B  p  q  | dy   q    N    1       | w1  q·p  1   p      | dx   p   n   1
 //   G4 dw1 = dy^T·x  k      q  p  B  | dy   q    1    N       | x   p    1   n      | dw1 q·p  p   1
 //   (the backward recomputes mid with F1 when weight gradients are asked for; dy is (B, N) natural,
-//    dy[b, a·l + c] = dz[b, c, a]; gu[b, c, d] = g[b, d·l + c].)
+//    dy[b, a·l + c] = dz[b, c, a]; gu is a (B, l, s) contiguous copy of g: gu[b, c, d] = g[b, d·l + c].)
 //   "perm(l,q,r) rs N": C(i, b, j) -> mid[b·N + (u mod l)·r + u div l], u = i·q + j.
 //
 // Assumptions: x, w1, w2 (and grad_out) are made contiguous; batch, n, N, L < 2^31 (offsets are int64);
@@ -104,7 +104,8 @@ struct GemmRunner {
            bool allow_split = false, const Tensor* c_tensor = nullptr) const {
     if (M == 0 || N == 0 || groups == 0) return;
     const int64_t imax = std::numeric_limits<int32_t>::max();
-    STD_TORCH_CHECK(M <= imax && N <= imax && K <= imax && groups <= imax, op,
+    // K gets headroom: split-K adds up to one k_per_split (rounded to the 32-wide K step) to a K offset
+    STD_TORCH_CHECK(M <= imax && N <= imax && K <= imax - 64 && groups <= imax, op,
                     ": a GEMM dimension exceeds 2^31 - 1 (M=", M, ", N=", N, ", K=", K, ", groups=", groups, ")");
     const bool f32 = st == ScalarType::Float;
     const sgemm::Plan plan = sgemm::plan_gemm(f32, M, N, K, groups, sms, allow_split && c_tensor != nullptr);
@@ -201,8 +202,8 @@ bool try_fused_forward(const char* op, const MonarchDims& d, const Tensor& x, co
   plc.P.w2 = w2.const_data_ptr();
   plc.P.out = out.mutable_data_ptr();
   const cudaStream_t stream = current_stream(dev);
-  const cudaError_t e = st == ScalarType::Half ? mfused::launch_fused<__half>(plc, stream)
-                                               : mfused::launch_fused<__nv_bfloat16>(plc, stream);
+  const cudaError_t e = st == ScalarType::Half ? mfused::launch_fused<__half>(plc, smem_optin(dev), stream)
+                                               : mfused::launch_fused<__nv_bfloat16>(plc, smem_optin(dev), stream);
   check_cuda(e, op, "fused forward launch");
   return true;
 }
@@ -259,9 +260,13 @@ std::tuple<Tensor, Tensor, Tensor> monarch_matmul_backward_cuda(Tensor grad_out,
   check_sizes(op, d);
   const GemmRunner R = make_runner(op, xc);
 
-  // G1: dy[b, a·l + c] = Σ_d g[b, d·l + c] · w2[c, d, a]   (dy natural (B, N), input dtype)
+  // gu[b, c, d] = g[b, d·l + c], one contiguous copy so that G1 and G2 load it with 16-byte cp.async
+  // instead of a stride-l scalar gather on the backward's two big reads.
+  const Tensor gu = torch::stable::contiguous(
+      torch::stable::transpose(torch::stable::view(g, {d.batch, d.s, d.l}), 1, 2));
+  // G1: dy[b, a·l + c] = Σ_d gu[b, c, d] · w2[c, d, a]   (dy natural (B, N), input dtype)
   const Tensor dy = torch::stable::new_empty(xc, {d.batch, d.mid});
-  R.run(operand(g, 1, d.out, d.l), operand(w2c, d.s * d.r, 1, d.r), output(dy, 1, d.mid, d.l), d.batch, d.r, d.s,
+  R.run(operand(gu, d.s, d.out, 1), operand(w2c, d.s * d.r, 1, d.r), output(dy, 1, d.mid, d.l), d.batch, d.r, d.s,
         d.l);
 
   if (need_grad_x) {
@@ -272,8 +277,8 @@ std::tuple<Tensor, Tensor, Tensor> monarch_matmul_backward_cuda(Tensor grad_out,
   if (need_grad_w) {
     const Tensor mid = torch::stable::new_empty(xc, {d.batch, d.mid});
     step1(R, d, xc, w1c, mid);
-    // G2: dw2[c, d, a] = Σ_b g[b, d·l + c] · z[b, c, a]
-    R.run(operand(g, 1, d.l, d.out), operand(mid, d.r, 1, d.mid), output(dw2, d.s * d.r, d.r, 1), d.s, d.r,
+    // G2: dw2[c, d, a] = Σ_b gu[b, c, d] · z[b, c, a]
+    R.run(operand(gu, d.s, 1, d.out), operand(mid, d.r, 1, d.mid), output(dw2, d.s * d.r, d.r, 1), d.s, d.r,
           d.batch, d.l, /*allow_split=*/true, &dw2);
     // G4: dw1[i, j, t] = Σ_b dy[b, i·q + j] · x[b, i·p + t]
     R.run(operand(dy, d.q, 1, d.mid), operand(xc, d.p, 1, d.n), output(dw1, d.q * d.p, d.p, 1), d.q, d.p,

@@ -334,9 +334,11 @@ inline Plan plan_fused(int64_t batch, int64_t k, int64_t q, int64_t p, int64_t l
 }
 
 template <typename T, int BM>
-inline cudaError_t launch_bm(const Params& P, int smem, cudaStream_t stream) {
+inline cudaError_t launch_bm(const Params& P, int smem, int smem_optin, cudaStream_t stream) {
   auto kern = monarch_fused_fwd_kernel<T, BM>;
-  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem);
+  // Always the device maximum (the same for every caller), never this launch's size: another host thread
+  // could otherwise lower the limit between our set and our launch.
+  cudaError_t e = cudaFuncSetAttribute(kern, cudaFuncAttributeMaxDynamicSharedMemorySize, smem_optin);
   if (e != cudaSuccess) return e;
   const int64_t blocks = (static_cast<int64_t>(P.batch) + BM - 1) / BM;
   if (blocks <= 0) return cudaSuccess;
@@ -345,11 +347,11 @@ inline cudaError_t launch_bm(const Params& P, int smem, cudaStream_t stream) {
 }
 
 template <typename T>
-inline cudaError_t launch_fused(const Plan& pl, cudaStream_t stream) {
+inline cudaError_t launch_fused(const Plan& pl, int smem_optin, cudaStream_t stream) {
   switch (pl.bm) {
-    case 64: return launch_bm<T, 64>(pl.P, pl.smem_bytes, stream);
-    case 32: return launch_bm<T, 32>(pl.P, pl.smem_bytes, stream);
-    default: return launch_bm<T, 16>(pl.P, pl.smem_bytes, stream);
+    case 64: return launch_bm<T, 64>(pl.P, pl.smem_bytes, smem_optin, stream);
+    case 32: return launch_bm<T, 32>(pl.P, pl.smem_bytes, smem_optin, stream);
+    default: return launch_bm<T, 16>(pl.P, pl.smem_bytes, smem_optin, stream);
   }
 }
 
