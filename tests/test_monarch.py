@@ -879,3 +879,13 @@ def test_cuda_rejects_mixed_devices(on_cpu):
     inputs[on_cpu] = inputs[on_cpu].cpu()
     with pytest.raises(RuntimeError, match="same device"):
         torch.ops.lowrank.monarch_matmul(*inputs.values())
+
+
+def test_every_op_has_a_cuda_kernel_or_an_explaining_stub():
+    """With the CUDA library loaded the real kernels are registered; without it (CPU-only torch, or a
+    build without nvcc) each op gets a CUDA kernel that raises 'built without CUDA kernels' instead of
+    the dispatcher's generic error."""
+    for name in lowrank.ops.OP_NAMES:
+        assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lowrank::{name}", "CUDA"), name
+    if not lowrank.has_cuda_kernels():
+        assert lowrank._loader.cuda_error()
