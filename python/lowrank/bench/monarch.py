@@ -15,6 +15,7 @@ import torch
 import torch.nn.functional as F
 
 import lowrank
+from lowrank.nn.monarch import monarch_factor_shapes as monarch_shapes
 from lowrank.reference import monarch_matmul_bmm, monarch_matmul_reference, monarch_to_dense
 
 from . import Rows
@@ -32,15 +33,6 @@ class Case:
     nblocks: int
     dtype: torch.dtype
     mode: str  # "fwd" or "fwd+bwd"
-
-
-def monarch_shapes(n_in: int, n_out: int, nblocks: int) -> tuple[tuple, tuple]:
-    """w1, w2 shapes of fly's MonarchLinear (the same rule as lowrank.nn.MonarchLinear)."""
-    in_blk, out_blk = math.ceil(n_in / nblocks), math.ceil(n_out / nblocks)
-    in_ext, out_ext = in_blk * nblocks, out_blk * nblocks
-    if in_ext < out_ext:
-        return (nblocks, in_blk, in_blk), (nblocks, out_blk, in_blk)
-    return (nblocks, out_blk, in_blk), (nblocks, out_blk, out_blk)
 
 
 def cases(device: str, quick: bool) -> list[Case]:

@@ -83,7 +83,7 @@ def _backward(ctx, grad_out):
     x, w1, w2 = ctx.saved_tensors
     need_x = ctx.needs_input_grad[0]
     need_w = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
-    dx, dw1, dw2 = torch.ops.lowrank.monarch_matmul_backward(grad_out.contiguous(), x, w1, w2, need_x, need_w)
+    dx, dw1, dw2 = torch.ops.lowrank.monarch_matmul_backward(grad_out, x, w1, w2, need_x, need_w)
     return (
         dx if need_x else None,
         dw1 if ctx.needs_input_grad[1] else None,
