@@ -1,8 +1,9 @@
-"""Small, odd-shaped forward + backward of monarch_matmul, checked against the float64 reference.
+"""Small, odd-shaped forward + backward of monarch_matmul and sltrain_linear, checked against float64 references.
 
 Meant to run under ``compute-sanitizer --tool memcheck``: the shapes are tiny (instrumented kernels
 are slow) and deliberately not multiples of any tile, so out-of-bounds accesses at tile edges show up.
-Exits 1 on any mismatch. ``--device cpu`` runs the same checks without a GPU (a dry run).
+SLTrain runs with int32 and int64 indices, with and without bias, including an empty
+and a full support. Exits 1 on any mismatch. ``--device cpu`` runs the same checks without a GPU (a dry run).
 """
 from __future__ import annotations
 
@@ -12,7 +13,7 @@ import sys
 import torch
 
 import lowrank
-from lowrank.reference import monarch_matmul_reference
+from lowrank.reference import monarch_matmul_reference, sltrain_linear_reference
 
 # (x shape, w1 (k, q, p), w2 (l, s, r)) with k·p = n and l·r = k·q
 SHAPES = [
@@ -21,6 +22,14 @@ SHAPES = [
     ((1, 2, 3, 9), (3, 5, 3), (5, 7, 3)),
     ((33, 64), (4, 16, 16), (4, 16, 16)),
     ((129, 96), (3, 40, 32), (8, 24, 15)),
+]
+# SLTrain: (x shape, out, rank r, nnz, bias) -- x's last dim is in; nnz = out·in is the full support
+SLTRAIN_SHAPES = [
+    ((7, 20), 13, 3, 17, False),
+    ((3, 5, 12), 33, 5, 100, True),
+    ((1, 2, 3, 9), 17, 1, 0, True),  # empty support: a pure low-rank layer
+    ((33, 64), 64, 16, 64 * 64, False),  # full support
+    ((129, 96), 130, 24, 1234, True),
 ]
 TOLERANCE = {torch.float32: 1e-4, torch.float16: 1e-2, torch.bfloat16: 2e-2}
 
@@ -47,6 +56,30 @@ def check(x_shape, w1_shape, w2_shape, dtype, device) -> list[float]:
     return [rel_err(out, ref)] + [rel_err(g, r) for g, r in zip(grads, ref_grads)]
 
 
+def check_sltrain(x_shape, n_out, rank, nnz, with_bias, index_dtype, dtype, device) -> list[float]:
+    """Relative errors of out, dx, dA, dB, dvalues (and dbias) against float64."""
+    n_in = x_shape[-1]
+    x = torch.randn(x_shape, device=device)
+    A = torch.randn(rank, n_in, device=device) * n_in ** -0.5
+    B = torch.randn(n_out, rank, device=device) * rank ** -0.5
+    values = torch.randn(nnz, device=device) * n_in ** -0.5
+    indices = torch.randperm(n_out * n_in, device=device)[:nnz].sort().values.to(index_dtype)
+    floats = [x, A, B, values] + ([torch.randn(n_out, device=device)] if with_bias else [])
+    ours_in = [t.to(dtype).requires_grad_() for t in floats]
+    ref_in = [t.to(dtype).cpu().double().requires_grad_() for t in floats]
+    scale = 0.7
+    bias, ref_bias = (ours_in[4], ref_in[4]) if with_bias else (None, None)
+    out = lowrank.sltrain_linear(*ours_in[:4], indices, scale, bias)
+    ref = sltrain_linear_reference(*ref_in[:4], indices.cpu(), scale, ref_bias)
+    grad = torch.randn(ref.shape, device=device).to(dtype)
+    grads = torch.autograd.grad(out, ours_in, grad)
+    ref_grads = torch.autograd.grad(ref, ref_in, grad.cpu().double())
+    if device == "cuda":
+        torch.cuda.synchronize()
+    # an empty support has an empty dvalues: rel_err of nothing is 0 (max of an empty tensor would raise)
+    return [rel_err(out, ref)] + [rel_err(g, r) if r.numel() else 0.0 for g, r in zip(grads, ref_grads)]
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -60,6 +93,21 @@ def main() -> int:
             failures += not ok
             print(f"{'ok  ' if ok else 'FAIL'} {str(dtype)[6:]:9} x{x_shape} w1{w1_shape} w2{w2_shape} "
                   f"err out/dx/dw1/dw2 = {' '.join(f'{e:.1e}' for e in errs)} (tol {tol:.0e})")
+    for dtype, tol in TOLERANCE.items():
+        for x_shape, n_out, rank, nnz, with_bias in SLTRAIN_SHAPES:
+            for index_dtype in (torch.int32, torch.int64):
+                what = (f"{str(dtype)[6:]:9} sltrain x{x_shape} -> {n_out} r={rank} nnz={nnz} "
+                        f"{str(index_dtype)[6:]}{' +bias' if with_bias else ''}")
+                try:
+                    errs = check_sltrain(x_shape, n_out, rank, nnz, with_bias, index_dtype, dtype, device)
+                except Exception as e:  # noqa: BLE001 -- report it and go on with the other cases
+                    failures += 1
+                    print(f"FAIL {what}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}")
+                    continue
+                ok = all(e <= tol for e in errs)
+                failures += not ok
+                print(f"{'ok  ' if ok else 'FAIL'} {what} err out/dx/dA/dB/dvalues{'/dbias' if with_bias else ''} "
+                      f"= {' '.join(f'{e:.1e}' for e in errs)} (tol {tol:.0e})")
     print(f"{failures} failure(s)")
     return 1 if failures else 0
 

@@ -11,4 +11,16 @@ STABLE_TORCH_LIBRARY(lowrank, m) {
   m.def(
       "monarch_matmul_backward(Tensor grad_out, Tensor x, Tensor w1, Tensor w2, bool need_grad_x, "
       "bool need_grad_w) -> (Tensor grad_x, Tensor grad_w1, Tensor grad_w2)");
+
+  // ---- SLTrain (sparse + low-rank linear): y = x·(scale·B·A + S)ᵀ + bias, S[idx // in, idx % in] = values.
+  // check: validate indices (in range, unique) first; costs a pass (and a device sync on CUDA).
+  m.def(
+      "sltrain_linear(Tensor x, Tensor A, Tensor B, Tensor values, Tensor indices, float scale, Tensor? bias=None, "
+      "bool check=True) -> Tensor");
+  // Gradients of sltrain_linear; W is recomputed (nothing of size out·in is saved). Entries not asked for
+  // come back as empty (0,) tensors; grad_bias only when has_bias.
+  m.def(
+      "sltrain_linear_backward(Tensor grad_out, Tensor x, Tensor A, Tensor B, Tensor values, Tensor indices, "
+      "float scale, bool has_bias, bool need_grad_x, bool need_grad_lowrank, bool need_grad_values) -> "
+      "(Tensor grad_x, Tensor grad_A, Tensor grad_B, Tensor grad_values, Tensor grad_bias)");
 }

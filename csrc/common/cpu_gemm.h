@@ -114,11 +114,11 @@ void pack_b(Acc* dst, int64_t K, int64_t N, Operand<const TB> B) {
 // One C tile, serially: C[mlen x nlen] = A[mlen x K] · B[K x nlen] (operands already offset to the tile),
 // mlen <= MT, nlen <= NC. A task owns the whole tile in an Acc buffer, so one packed B slice serves up to
 // several packed A blocks. packed_b, if given, is B already packed: per KC slice of K, ceil(nlen / NR)
-// strips of klen x NR (pack_b's layout when K <= KC). accumulate: C += A·B.
+// strips of klen x NR (pack_b's layout when K <= KC). accumulate: C += alpha·A·B, else C = alpha·A·B.
 // TA/TB/TC: storage types (float, double, c10::Half, c10::BFloat16).
 template <typename Acc, typename TA, typename TB, typename TC>
 void gemm_tile(int64_t mlen, int64_t nlen, int64_t K, Operand<const TA> A, Operand<const TB> B, Operand<TC> C,
-               GemmWorkspace<Acc>& ws, const Acc* packed_b = nullptr, bool accumulate = false) {
+               GemmWorkspace<Acc>& ws, const Acc* packed_b = nullptr, bool accumulate = false, Acc alpha = Acc(1)) {
   using W = GemmWorkspace<Acc>;
   constexpr int64_t MR = W::MR, NR = W::NR, MC = W::MC, KC = W::KC;
   Acc* Ap = ws.a.get();
@@ -145,18 +145,19 @@ void gemm_tile(int64_t mlen, int64_t nlen, int64_t K, Operand<const TA> A, Opera
     TC* dst = &C.at(0, r, 0);
     const Acc* src = Cb + r * ldc;
     if (accumulate) {
-      for (int64_t c = 0; c < nlen; ++c) dst[c * C.cs] = static_cast<TC>(static_cast<Acc>(dst[c * C.cs]) + src[c]);
+      for (int64_t c = 0; c < nlen; ++c)
+        dst[c * C.cs] = static_cast<TC>(static_cast<Acc>(dst[c * C.cs]) + alpha * src[c]);
     } else {
-      for (int64_t c = 0; c < nlen; ++c) dst[c * C.cs] = static_cast<TC>(src[c]);
+      for (int64_t c = 0; c < nlen; ++c) dst[c * C.cs] = static_cast<TC>(alpha * src[c]);
     }
   }
 }
 
-// for g < G: C_g = A_g · B_g. B is packed once for the whole call (every task of a row range would
+// for g < G: C_g = alpha · A_g · B_g. B is packed once for the whole call (every task of a row range would
 // otherwise repack it), then tasks of MT x NC tiles of C spread over torch's thread pool.
 template <typename Acc, typename TA, typename TB, typename TC>
 void strided_batched_gemm(int64_t G, int64_t M, int64_t N, int64_t K, Operand<const TA> A, Operand<const TB> B,
-                          Operand<TC> C) {
+                          Operand<TC> C, Acc alpha = Acc(1)) {
   using W = GemmWorkspace<Acc>;
   if (G <= 0 || M <= 0 || N <= 0) return;
   const int64_t m_tiles = (M + W::MT - 1) / W::MT, n_tiles = (N + W::NC - 1) / W::NC;
@@ -181,7 +182,7 @@ void strided_batched_gemm(int64_t G, int64_t M, int64_t N, int64_t K, Operand<co
       const int64_t g = task / (m_tiles * n_tiles);
       const int64_t m0 = (task / n_tiles) % m_tiles * W::MT, nt = task % n_tiles, n0 = nt * W::NC;
       gemm_tile<Acc>(std::min(W::MT, M - m0), std::min(W::NC, N - n0), K, A.shifted(g, m0, 0),
-                     B.shifted(g, 0, n0), C.shifted(g, m0, n0), ws, panel(g, nt));
+                     B.shifted(g, 0, n0), C.shifted(g, m0, n0), ws, panel(g, nt), false, alpha);
     }
   });
 }

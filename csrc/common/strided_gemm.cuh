@@ -23,6 +23,9 @@
 //  * simt_gemm_kernel<float>: fp32 FMA (exact fp32, no TF32), 64x64x16 tiles, 4x4 outputs per thread.
 // Split-K: grid covers `splits` K ranges of k_per_split (a multiple of BK); each split writes its own
 // fp32 slice (c.f32 = 1, c.split_stride apart) and splitk_reduce_kernel sums the slices into the output.
+// Epilogue: C = alpha·(A·B) (+ bias[n] when P.bias is set; bias has the element type and is added in fp32
+// before the store, by split 0 only, so split-K slices still sum to the right result). alpha = 1 and no
+// bias by default (Problem's member initializers), so callers that never set them are unaffected.
 // Grid is 1-D, n-tile fastest, then group, then m-tile, then split (CTAs that share rows of A run
 // together; for group-interleaved outputs all groups of one row block are written close in time).
 #pragma once
@@ -60,6 +63,8 @@ struct Problem {
   Output c;
   int M, N, K, groups, splits, k_per_split;
   int m_tiles, n_tiles;
+  float alpha = 1.f;           // epilogue scale of the product
+  const void* bias = nullptr;  // optional per-column (n) bias, element type, added after alpha
 };
 
 constexpr int kBK = 32;  // K tile of the tensor-core kernel
@@ -120,6 +125,29 @@ __device__ __forceinline__ __half from_f32<__half>(float v) {
 template <>
 __device__ __forceinline__ __nv_bfloat16 from_f32<__nv_bfloat16>(float v) {
   return __float2bfloat16_rn(v);
+}
+
+template <typename T>
+__device__ __forceinline__ float to_f32(T v);
+template <>
+__device__ __forceinline__ float to_f32<float>(float v) {
+  return v;
+}
+template <>
+__device__ __forceinline__ float to_f32<__half>(__half v) {
+  return __half2float(v);
+}
+template <>
+__device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) {
+  return __bfloat162float(v);
+}
+
+// alpha·acc (+ bias[n] for split 0), in fp32.
+template <typename T>
+__device__ __forceinline__ float epi(const Problem& P, int split, int n, float acc) {
+  float v = P.alpha * acc;
+  if (P.bias != nullptr && split == 0) v += to_f32<T>(static_cast<const T*>(P.bias)[n]);
+  return v;
 }
 
 // Offset of C(g, m, n) within one split slice.
@@ -322,7 +350,8 @@ __global__ void __launch_bounds__(WM* WN * 32, MINB) mma_gemm_kernel(const Probl
           if (m >= P.M || n >= P.N) continue;
           const int64_t off = out_offset(c, t.g, m, n);
           float* p = cp + off;
-          const float v0 = acc[mi][ni][2 * h], v1 = acc[mi][ni][2 * h + 1];
+          const float v0 = epi<T>(P, t.split, n, acc[mi][ni][2 * h]);
+          const float v1 = n + 1 < P.N ? epi<T>(P, t.split, n + 1, acc[mi][ni][2 * h + 1]) : 0.f;
           if (n + 1 < P.N && c.perm_l == 0 && c.cs == 1 && (reinterpret_cast<uintptr_t>(p) & 7) == 0) {
             *reinterpret_cast<float2*>(p) = make_float2(v0, v1);
           } else {
@@ -343,8 +372,8 @@ __global__ void __launch_bounds__(WM* WN * 32, MINB) mma_gemm_kernel(const Probl
           if (m >= P.M || n >= P.N) continue;
           const int64_t off = out_offset(c, t.g, m, n);
           T* p = cp + off;
-          const T v0 = from_f32<T>(acc[mi][ni][2 * h]);
-          const T v1 = from_f32<T>(acc[mi][ni][2 * h + 1]);
+          const T v0 = from_f32<T>(epi<T>(P, t.split, n, acc[mi][ni][2 * h]));
+          const T v1 = from_f32<T>(n + 1 < P.N ? epi<T>(P, t.split, n + 1, acc[mi][ni][2 * h + 1]) : 0.f);
           if (n + 1 < P.N && c.perm_l == 0 && c.cs == 1 && (reinterpret_cast<uintptr_t>(p) & 3) == 0) {
             struct alignas(4) Pair {
               T x, y;
@@ -361,7 +390,8 @@ __global__ void __launch_bounds__(WM* WN * 32, MINB) mma_gemm_kernel(const Probl
 // ------------------------------------------------------------------------------------ fp32 SIMT kernel
 constexpr int kSimtBM = 64, kSimtBN = 64, kSimtBK = 16, kSimtNT = 256;
 
-__global__ void __launch_bounds__(kSimtNT) simt_gemm_kernel(const Problem P) {
+// static: this header is included by several .cu files and the kernel is not a template.
+static __global__ void __launch_bounds__(kSimtNT) simt_gemm_kernel(const Problem P) {
   constexpr int BM = kSimtBM, BN = kSimtBN, BK = kSimtBK, NT = kSimtNT;
   __shared__ float As[BK][BM + 4];
   __shared__ float Bs[BK][BN + 4];
@@ -422,7 +452,7 @@ __global__ void __launch_bounds__(kSimtNT) simt_gemm_kernel(const Problem P) {
 #pragma unroll
     for (int j = 0; j < 4; ++j) {
       const int m = m0 + ty + 16 * i, n = n0 + tx + 16 * j;
-      if (m < P.M && n < P.N) cp[out_offset(P.c, t.g, m, n)] = acc[i][j];
+      if (m < P.M && n < P.N) cp[out_offset(P.c, t.g, m, n)] = epi<float>(P, t.split, n, acc[i][j]);
     }
 }
 

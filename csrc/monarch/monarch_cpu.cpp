@@ -8,13 +8,12 @@
 // factors. The backward recomputes the middle activation instead of saving it.
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
-#include <torch/headeronly/util/BFloat16.h>
-#include <torch/headeronly/util/Half.h>
 
 #include <map>
 #include <mutex>
 #include <vector>
 
+#include "common/cpu_dispatch.h"
 #include "common/cpu_gemm.h"
 #include "monarch/monarch_common.h"
 
@@ -24,10 +23,6 @@ namespace {
 constexpr const char* kFwd = "lowrank.monarch_matmul";
 constexpr const char* kBwd = "lowrank.monarch_matmul_backward";
 
-template <typename Acc>
-constexpr ScalarType acc_scalar_type() {
-  return sizeof(Acc) == 8 ? ScalarType::Double : ScalarType::Float;
-}
 
 // y = BD(w1)·x in the natural (B, N) layout: y[b, i·q + j] = Σ_t w1[i,j,t]·x[b, i·p + t].
 template <typename Acc, typename T>
@@ -171,7 +166,7 @@ void backward_fused(const MonarchDims& d, const T* g, const T* x, const T* w1, c
 
 template <typename T>
 void forward(const MonarchDims& d, const T* x, const T* w1, const T* w2, T* out) {
-  using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  using Acc = acc_t<T>;
   if (fits_fused<Acc>(d)) return forward_fused<Acc>(d, x, w1, w2, out);
   auto mid_t = torch::stable::empty({d.batch, d.mid}, acc_scalar_type<Acc>());
   Acc* mid = static_cast<Acc*>(mid_t.data_ptr());
@@ -183,7 +178,7 @@ void forward(const MonarchDims& d, const T* x, const T* w1, const T* w2, T* out)
 
 template <typename T>
 void backward(const MonarchDims& d, const T* g, const T* x, const T* w1, const T* w2, T* dx, T* dw1, T* dw2) {
-  using Acc = std::conditional_t<std::is_same_v<T, double>, double, float>;
+  using Acc = acc_t<T>;
   if (fits_fused<Acc>(d)) return backward_fused<Acc>(d, g, x, w1, w2, dx, dw1, dw2);
   const int64_t B = d.batch, N = d.mid, m = d.out, l = d.l;
   auto dy_t = torch::stable::empty({B, N}, acc_scalar_type<Acc>());
@@ -206,17 +201,6 @@ void backward(const MonarchDims& d, const T* g, const T* x, const T* w1, const T
     // dx[b, i·p + t] = Σ_j dy[b, i·q + j] · w1[i,j,t]
     strided_batched_gemm<Acc, Acc, T, T>(d.k, B, d.p, d.q, operand<const Acc>(dy, d.q, N, 1),
                                          operand<const T>(w1, d.q * d.p, d.p, 1), operand<T>(dx, d.p, d.n, 1));
-  }
-}
-
-template <typename F>
-void dispatch_float(ScalarType st, const char* op, F&& f) {
-  switch (st) {
-    case ScalarType::Float: return f(float{});
-    case ScalarType::Double: return f(double{});
-    case ScalarType::Half: return f(c10::Half{});
-    case ScalarType::BFloat16: return f(c10::BFloat16{});
-    default: STD_TORCH_CHECK(false, op, ": unsupported dtype ", torch::headeronly::toString(st));
   }
 }
 

@@ -13,7 +13,7 @@ _HAS_CUDA_KERNELS = _loader.load()
 
 from . import ops  # noqa: E402  (registers fakes and autograd after the libraries are loaded)
 from . import reference  # noqa: E402
-from .ops import monarch_matmul  # noqa: E402
+from .ops import monarch_matmul, sltrain_linear  # noqa: E402
 
 if not _HAS_CUDA_KERNELS:
     _loader.register_missing_cuda(ops.OP_NAMES)
@@ -21,7 +21,7 @@ if not _HAS_CUDA_KERNELS:
 from . import nn  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["monarch_matmul", "has_cuda_kernels", "nn", "ops", "reference"]
+__all__ = ["monarch_matmul", "sltrain_linear", "has_cuda_kernels", "nn", "ops", "reference"]
 
 
 def has_cuda_kernels() -> bool:

@@ -12,6 +12,7 @@ from typing import Callable, Iterable, Iterator, Sequence
 # family name -> module holding its ``rows(device, quick)``
 FAMILIES = {
     "monarch": "lowrank.bench.monarch",
+    "sltrain": "lowrank.bench.sltrain",
 }
 
 

@@ -16,13 +16,19 @@ import torch
 
 # (row key, header, format); a column shows only if some row has a value for it.
 COLUMNS = [
-    ("op", "op", "{}"), ("shape", "shape", "{}"), ("nblocks", "nb", "{}"), ("dtype", "dtype", "{}"),
+    ("op", "op", "{}"), ("shape", "shape", "{}"), ("nblocks", "nb", "{}"), ("rank", "r", "{}"),
+    ("density", "delta", "{:g}"), ("dtype", "dtype", "{}"),
     ("mode", "mode", "{}"), ("ours_ms", "ours ms", "{:.4g}"), ("dense_ms", "dense ms", "{:.4g}"),
-    ("bmm_ms", "bmm ms", "{:.4g}"), ("tflops", "TFLOP/s", "{:.3g}"), ("gbps", "GB/s", "{:.4g}"),
-    ("vs_dense", "vs dense", "{:.2f}x"), ("vs_bmm", "vs bmm", "{:.2f}x"), ("roofline_pct", "% roof", "{:.0f}"),
-    ("bound", "bound", "{}"), ("ours_mb", "ours MiB", "{:.0f}"), ("bmm_mb", "bmm MiB", "{:.0f}"),
-    ("max_err", "max err", "{:.1e}"), ("bmm_err", "bmm err", "{:.1e}"), ("ok", "check", "{}"),
+    ("bmm_ms", "bmm ms", "{:.4g}"), ("official_ms", "official ms", "{:.4g}"), ("tflops", "TFLOP/s", "{:.3g}"),
+    ("gbps", "GB/s", "{:.4g}"), ("vs_dense", "vs dense", "{:.2f}x"), ("vs_bmm", "vs bmm", "{:.2f}x"),
+    ("vs_official", "vs official", "{:.2f}x"), ("roofline_pct", "% roof", "{:.0f}"),
+    ("bound", "bound", "{}"), ("ours_mb", "ours MiB", "{:.0f}"), ("dense_mb", "dense MiB", "{:.0f}"),
+    ("bmm_mb", "bmm MiB", "{:.0f}"), ("official_mb", "official MiB", "{:.0f}"),
+    ("max_err", "max err", "{:.1e}"), ("bmm_err", "bmm err", "{:.1e}"), ("official_err", "official err", "{:.1e}"),
+    ("ok", "check", "{}"),
 ]
+# speedup columns plotted, each a bar per row that has it
+SPEEDUPS = [("vs_dense", "vs dense"), ("vs_bmm", "vs bmm"), ("vs_official", "vs official")]
 
 
 def _run(cmd: list[str]) -> str | None:
@@ -110,16 +116,20 @@ def plot_speedups(rows: list[dict], meta: dict, path: Path) -> str | None:
         import matplotlib.ticker
     except ImportError:
         return "matplotlib is not installed: no PNG"
-    shown = [r for r in rows if r.get("vs_dense") or r.get("vs_bmm")]
+    speedups = [(k, name) for k, name in SPEEDUPS if any(r.get(k) for r in rows)]
+    shown = [r for r in rows if any(r.get(k) for k, _ in speedups)]
     if not shown:
         return "no speedups to plot"
-    labels = [f"{r['shape']} nb={r.get('nblocks', '-')} {r['mode']}" for r in shown]
+    labels = [" ".join([r["shape"]] + [f"{n}={r[k]:g}" for k, n in (("nblocks", "nb"), ("rank", "r"))
+                                        if r.get(k) is not None] + [r["mode"]]) for r in shown]
     ys = range(len(shown))
     fig, ax = plt.subplots(figsize=(9, 1.2 + 0.4 * len(shown)))
-    for offset, key, name in ((-0.2, "vs_dense", "vs dense"), (0.2, "vs_bmm", "vs bmm")):
-        speedups = [r.get(key) or float("nan") for r in shown]
+    height = 0.8 / len(speedups)
+    for i, (key, name) in enumerate(speedups):
+        values = [r.get(key) or float("nan") for r in shown]
+        offset = (i - (len(speedups) - 1) / 2) * height
         # bars grow from parity (1x): left for slower, right for faster
-        ax.barh([y + offset for y in ys], [v - 1 for v in speedups], left=1, height=0.4, label=name)
+        ax.barh([y + offset for y in ys], [v - 1 for v in values], left=1, height=height, label=name)
     ax.axvline(1.0, color="black", linewidth=0.8)
     ax.set_xscale("log")  # 0.1x and 10x are equally far from parity
     ax.xaxis.set_major_formatter(matplotlib.ticker.FuncFormatter(lambda v, _: f"{v:g}x"))

@@ -1,7 +1,8 @@
 """Typed wrappers, fake (meta) kernels and autograd registrations of every lowrank op, one module per family."""
 from .monarch import monarch_matmul, monarch_matmul_backward
+from .sltrain import sltrain_linear
 
 # Every op in torch.ops.lowrank, for registrations that apply to all of them.
-OP_NAMES = ["monarch_matmul", "monarch_matmul_backward"]
+OP_NAMES = ["monarch_matmul", "monarch_matmul_backward", "sltrain_linear", "sltrain_linear_backward"]
 
-__all__ = ["monarch_matmul", "monarch_matmul_backward", "OP_NAMES"]
+__all__ = ["monarch_matmul", "monarch_matmul_backward", "sltrain_linear", "OP_NAMES"]

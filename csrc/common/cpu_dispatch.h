@@ -1,0 +1,32 @@
+// dtype dispatch for the CPU kernels: calls f with a value of the storage type.
+#pragma once
+#include <torch/headeronly/util/BFloat16.h>
+#include <torch/headeronly/util/Half.h>
+
+#include <type_traits>
+
+#include "common/checks.h"
+
+namespace lowrank {
+
+template <typename F>
+void dispatch_float(ScalarType st, const char* op, F&& f) {
+  switch (st) {
+    case ScalarType::Float: return f(float{});
+    case ScalarType::Double: return f(double{});
+    case ScalarType::Half: return f(c10::Half{});
+    case ScalarType::BFloat16: return f(c10::BFloat16{});
+    default: STD_TORCH_CHECK(false, op, ": unsupported dtype ", torch::headeronly::toString(st));
+  }
+}
+
+// Accumulation type of a storage type: fp64 for float64, fp32 otherwise.
+template <typename T>
+using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+template <typename Acc>
+constexpr ScalarType acc_scalar_type() {
+  return sizeof(Acc) == 8 ? ScalarType::Double : ScalarType::Float;
+}
+
+}  // namespace lowrank

@@ -1,0 +1,73 @@
+// SLTrain shape contract, shared by the CPU and CUDA kernels.
+//   x (..., in), A (r, in), B (out, r), values (nnz,), indices (nnz,) int32/int64 flat row·in + col,
+//   optional bias (out,);  y = x·(scale·B·A + S)ᵀ + bias with S.view(-1)[indices] = values.
+// sltrain_dims checks shapes, dtypes and devices; index values are checked by the kernels (check=True).
+#pragma once
+#include <optional>
+
+#include "common/checks.h"
+
+namespace lowrank {
+
+struct SLTrainDims {
+  int64_t T;          // rows of x (product of its leading dims)
+  int64_t in, out, r;
+  int64_t nnz;
+};
+
+inline SLTrainDims sltrain_dims(const char* op, const Tensor& x, const Tensor& A, const Tensor& B, const Tensor& values,
+                                const Tensor& indices, const std::optional<Tensor>& bias) {
+  STD_TORCH_CHECK(x.dim() >= 1, op, ": x must have at least 1 dimension (..., in), got a 0-D tensor");
+  check_dim(op, A, "A", 2, "(r, in)");
+  check_dim(op, B, "B", 2, "(out, r)");
+  check_dim(op, values, "values", 1, "(nnz,)");
+  check_dim(op, indices, "indices", 1, "(nnz,)");
+  check_float_dtype(op, x, "x");
+  check_same_dtype(op, x, "x", A, "A");
+  check_same_dtype(op, x, "x", B, "B");
+  check_same_dtype(op, x, "x", values, "values");
+  const ScalarType it = indices.scalar_type();
+  STD_TORCH_CHECK(it == ScalarType::Int || it == ScalarType::Long, op, ": indices must be int32 or int64, got ",
+                  torch::headeronly::toString(it));
+  check_same_device(op, x, "x", A, "A");
+  check_same_device(op, x, "x", B, "B");
+  check_same_device(op, x, "x", values, "values");
+  check_same_device(op, x, "x", indices, "indices");
+  SLTrainDims d;
+  d.in = x.size(x.dim() - 1);
+  d.r = A.size(0);
+  d.out = B.size(0);
+  d.nnz = values.size(0);
+  STD_TORCH_CHECK(A.size(1) == d.in, op, ": A must be (r, in) with in = x's last dimension (", d.in, "), got A of (",
+                  d.r, ", ", A.size(1), ")");
+  STD_TORCH_CHECK(B.size(1) == d.r, op, ": B must be (out, r) with r = A.shape[0] (", d.r, "), got B of (", d.out,
+                  ", ", B.size(1), ")");
+  STD_TORCH_CHECK(d.r > 0 && d.in > 0 && d.out > 0, op, ": in, out and r must be positive");
+  STD_TORCH_CHECK(indices.size(0) == d.nnz, op, ": values (", d.nnz, ") and indices (", indices.size(0),
+                  ") must have the same length");
+  if (bias.has_value()) {
+    check_same_dtype(op, x, "x", *bias, "bias");
+    check_same_device(op, x, "x", *bias, "bias");
+    STD_TORCH_CHECK(bias->dim() == 1 && bias->size(0) == d.out, op, ": bias must be (out,) = (", d.out, ",)");
+  }
+  d.T = x.numel() / d.in;
+  return d;
+}
+
+inline std::vector<int64_t> sltrain_out_shape(const Tensor& x, int64_t out) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = out;
+  return shape;
+}
+
+// grad_out of the backward: x's dtype and device, shape (x's leading dims, out).
+inline void check_sltrain_grad_out(const char* op, const Tensor& grad_out, const Tensor& x, const SLTrainDims& d) {
+  check_same_dtype(op, grad_out, "grad_out", x, "x");
+  check_same_device(op, grad_out, "grad_out", x, "x");
+  const auto want = sltrain_out_shape(x, d.out);
+  bool ok = grad_out.dim() == static_cast<int64_t>(want.size());
+  for (int64_t i = 0; ok && i < grad_out.dim(); ++i) ok = grad_out.size(i) == want[static_cast<size_t>(i)];
+  STD_TORCH_CHECK(ok, op, ": grad_out must have the output's shape (x's leading dims, out = ", d.out, ")");
+}
+
+}  // namespace lowrank

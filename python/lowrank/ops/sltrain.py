@@ -1,0 +1,112 @@
+"""SLTrain sparse-plus-low-rank linear: ``lowrank.sltrain_linear``."""
+from __future__ import annotations
+
+import torch
+
+_FWD = "lowrank::sltrain_linear"
+_BWD = "lowrank::sltrain_linear_backward"
+
+
+def sltrain_linear(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, values: torch.Tensor, indices: torch.Tensor,
+                   scale: float, bias: torch.Tensor | None = None, check: bool = True) -> torch.Tensor:
+    """``y = x·(scale·B·A + S)ᵀ + bias``: SLTrain's linear layer (Han et al. 2024).
+
+    Args:
+        x: ``(..., in)``, float32 / float16 / bfloat16 (float64 on CPU).
+        A: ``(r, in)``; B: ``(out, r)``; values: ``(nnz,)``, all in x's dtype.
+        indices: ``(nnz,)`` int32 or int64, unique flat row-major positions ``row·in + col`` of S's nonzeros in
+            the ``(out, in)`` weight (not differentiable).
+        scale: the low-rank scale (SLTrain's ``alpha / r``).
+        bias: optional ``(out,)``.
+        check: validate ``indices`` first (every index in ``[0, out·in)``, no duplicates). It costs a pass over
+            the indices and, on CUDA, a device sync, so ``SLTrainLinear`` validates its fixed support once and
+            calls with ``check=False``. With ``check=False`` an out-of-range index is ignored (never written
+            or read) and duplicates add up, but nothing crashes.
+
+    Returns ``(..., out)`` in x's dtype. The weight is materialized per call in a transient scratch (fp32 on
+    the CPU) and never saved for backward; the backward recomputes it. Differentiable in x, A, B, values
+    and bias (``dvalues = (dyᵀ·x)[indices]``, ``dA = scale·Bᵀ·dyᵀ·x``, ``dB = scale·dyᵀ·x·Aᵀ``).
+    """
+    return torch.ops.lowrank.sltrain_linear(x, A, B, values, indices, float(scale), bias, check)
+
+
+def _check_meta(op, x, A, B, values, indices, bias):
+    torch._check(x.dim() >= 1, lambda: f"{op}: x must have at least 1 dimension (..., in)")
+    torch._check(A.dim() == 2, lambda: f"{op}: A must be 2-D (r, in), got a {A.dim()}-D tensor")
+    torch._check(B.dim() == 2, lambda: f"{op}: B must be 2-D (out, r), got a {B.dim()}-D tensor")
+    torch._check(values.dim() == 1, lambda: f"{op}: values must be 1-D (nnz,)")
+    torch._check(indices.dim() == 1, lambda: f"{op}: indices must be 1-D (nnz,)")
+    torch._check(
+        x.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64),
+        lambda: f"{op}: x must be float32, float16 or bfloat16 (float64 on CPU), got {x.dtype}",
+    )
+    torch._check(x.dtype == A.dtype == B.dtype == values.dtype, lambda: f"{op}: x, A, B and values must share a dtype")
+    torch._check(indices.dtype in (torch.int32, torch.int64), lambda: f"{op}: indices must be int32 or int64")
+    torch._check(A.shape[1] == x.shape[-1], lambda: f"{op}: A must be (r, in) with in = x's last dimension")
+    torch._check(B.shape[1] == A.shape[0], lambda: f"{op}: B must be (out, r) with r = A.shape[0]")
+    torch._check(values.shape[0] == indices.shape[0], lambda: f"{op}: values and indices must have the same length")
+    if bias is not None:
+        torch._check(bias.shape == (B.shape[0],), lambda: f"{op}: bias must be (out,)")
+        torch._check(bias.dtype == x.dtype, lambda: f"{op}: bias must have x's dtype")
+    return B.shape[0]
+
+
+@torch.library.register_fake(_FWD)
+def _sltrain_linear_fake(x, A, B, values, indices, scale, bias=None, check=True):
+    out = _check_meta("lowrank.sltrain_linear", x, A, B, values, indices, bias)
+    return x.new_empty((*x.shape[:-1], out))
+
+
+@torch.library.register_fake(_BWD)
+def _sltrain_linear_backward_fake(grad_out, x, A, B, values, indices, scale, has_bias, need_grad_x,
+                                  need_grad_lowrank, need_grad_values):
+    op = "lowrank.sltrain_linear_backward"
+    out = _check_meta(op, x, A, B, values, indices, None)
+    torch._check(tuple(grad_out.shape) == (*x.shape[:-1], out), lambda: f"{op}: grad_out must have the output's shape")
+    torch._check(grad_out.dtype == x.dtype, lambda: f"{op}: grad_out and x must have the same dtype")
+    empty = lambda t: t.new_empty((0,))  # noqa: E731
+    return (
+        x.new_empty(x.shape) if need_grad_x else empty(x),
+        A.new_empty(A.shape) if need_grad_lowrank else empty(A),
+        B.new_empty(B.shape) if need_grad_lowrank else empty(B),
+        values.new_empty(values.shape) if need_grad_values else empty(values),
+        x.new_empty((out,)) if has_bias else empty(x),
+    )
+
+
+def _setup_context(ctx, inputs, output):
+    x, A, B, values, indices, scale = inputs[:6]
+    ctx.save_for_backward(x, A, B, values, indices)
+    ctx.scale = scale
+    ctx.has_bias = len(inputs) > 6 and inputs[6] is not None
+
+
+def _backward(ctx, grad_out):
+    x, A, B, values, indices = ctx.saved_tensors
+    need = ctx.needs_input_grad
+    need_bias = ctx.has_bias and need[6]
+    dx, dA, dB, dv, db = torch.ops.lowrank.sltrain_linear_backward(
+        grad_out, x, A, B, values, indices, ctx.scale, need_bias, need[0], need[1] or need[2], need[3])
+    return (
+        dx if need[0] else None,
+        dA if need[1] else None,
+        dB if need[2] else None,
+        dv if need[3] else None,
+        None,
+        None,
+        db if need_bias else None,
+        None,
+    )
+
+
+torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
+
+
+def _no_double_backward(ctx, *grads):
+    raise NotImplementedError(
+        "lowrank.sltrain_linear: double backward (differentiating a gradient taken with create_graph=True) "
+        "is not supported"
+    )
+
+
+torch.library.register_autograd(_BWD, _no_double_backward, setup_context=lambda ctx, inputs, output: None)
