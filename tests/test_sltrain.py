@@ -63,11 +63,14 @@ NNZ1_FIRST = ("nnz1_first", (3,), 9, 5, 2, 1, 0.5, False, "first")
 NNZ1_LAST = ("nnz1_last", (3,), 9, 5, 2, 1, 0.5, True, "last")
 UNSORTED = ("unsorted_support", (6,), 24, 20, 4, 50, 1.5, True, "unsorted")
 FULL_SUPPORT = ("full_support", (4,), 8, 6, 2, 48, 1.0, True, "random")  # δ = 1: every entry is a nonzero
+# LLaMA-1B MLP widths (2048 <-> 5461, 5461 not a multiple of 8) with a small rank and few tokens for CPU time
+LLAMA1B_UP = ("llama1b_2048_5461", (2, 3), 2048, 5461, 16, int(0.03 * 2048 * 5461), 8 / 16, False, "random")
+LLAMA1B_DOWN = ("llama1b_5461_2048", (5,), 5461, 2048, 16, int(0.03 * 5461 * 2048), 8 / 16, True, "random")
 MEDIUM = ("medium_256_192", (3, 40), 256, 192, 32, int(0.05 * 256 * 192), 0.5, True, "random")
 
 VALUE_SHAPES = [TINY, BATCH, VECTOR_X, ATTN_60M, MLP_60M, UNALIGNED, UNALIGNED_T, R1, NNZ1_FIRST, NNZ1_LAST,
-                UNSORTED, FULL_SUPPORT]
-GRAD_SHAPES = [MEDIUM, BATCH, UNALIGNED, R1, NNZ1_LAST, UNSORTED]
+                UNSORTED, FULL_SUPPORT, LLAMA1B_UP, LLAMA1B_DOWN]
+GRAD_SHAPES = [MEDIUM, BATCH, UNALIGNED, R1, NNZ1_LAST, UNSORTED, LLAMA1B_DOWN]
 GRADCHECK_SHAPES = [TINY, BATCH, VECTOR_X, ("r1_small", (3,), 5, 4, 1, 6, 1.3, True, "random"),
                     ("nnz1_last_small", (2,), 5, 4, 2, 1, 0.9, True, "last")]
 OPCHECK_SHAPES = [TINY, BATCH, NNZ1_FIRST]
