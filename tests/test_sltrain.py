@@ -1045,3 +1045,46 @@ def test_sltrain_ops_are_registered_for_cuda():
     for name in ("sltrain_linear", "sltrain_linear_backward"):
         assert name in lowrank.ops.OP_NAMES
         assert torch._C._dispatch_has_kernel_for_dispatch_key(f"lowrank::{name}", "CUDA"), name
+
+
+# ------------------------------------------------------------------------------------------------------------
+# The CPU kernel has two paths (materialize W, or low-rank + sparse), chosen per shape; force each one
+# ------------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("path", ["materialize", "lowrank"])
+@pytest.mark.parametrize("shape", [TINY, BATCH, UNALIGNED, UNSORTED, NNZ1_LAST], ids=shape_id)
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32, torch.bfloat16], ids=str)
+def test_cpu_paths_match_reference(monkeypatch, path, shape, dtype):
+    monkeypatch.setenv("LOWRANK_SLTRAIN_CPU_PATH", path)
+    inputs = make_inputs(shape, dtype=dtype, index_dtype=torch.int32, requires_grad=True)
+    ref_in = inputs64(inputs)
+    for name in FLOAT_ARGS:
+        if ref_in[name] is not None:
+            ref_in[name].requires_grad_(True)
+    out = lowrank.sltrain_linear(**inputs)
+    ref = sltrain_linear_reference(**ref_in)
+    grad = torch.randn_like(ref)
+    names = [n for n in FLOAT_ARGS if inputs[n] is not None]
+    ours = torch.autograd.grad(out, [inputs[n] for n in names], grad.to(dtype))
+    theirs = torch.autograd.grad(ref, [ref_in[n] for n in names], grad)
+    tol = {torch.float64: 1e-10, torch.float32: 1e-5, torch.bfloat16: 2e-2}[dtype]
+    for name, got, want in [("y", out, ref)] + list(zip(names, ours, theirs)):
+        err = (got.double() - want).norm() / want.norm().clamp_min(1e-30)
+        print(f"{path} {dtype} {name}: rel err {err:.2e}")
+        assert err <= tol, f"{path} path, {name}: relative error {err:.2e} > {tol:.0e}"
+
+
+@pytest.mark.parametrize("path", ["materialize", "lowrank"])
+def test_cpu_paths_ignore_out_of_range_indices_without_check(monkeypatch, path):
+    monkeypatch.setenv("LOWRANK_SLTRAIN_CPU_PATH", path)
+    inputs = make_inputs(TINY, dtype=torch.float64, requires_grad=True)
+    good = inputs["indices"].clone()
+    bad = good.clone()
+    bad[0], bad[1] = -1, TINY[3] * TINY[2] + 5  # negative and past out·in
+    keep = torch.arange(good.numel()) >= 2
+    ref = sltrain_linear_reference(inputs["x"], inputs["A"], inputs["B"], inputs["values"][keep], good[keep],
+                                   inputs["scale"], inputs["bias"])
+    out = lowrank.sltrain_linear(inputs["x"], inputs["A"], inputs["B"], inputs["values"], bad, inputs["scale"],
+                                 inputs["bias"], check=False)
+    torch.testing.assert_close(out, ref)
+    dv, = torch.autograd.grad(out.sum(), inputs["values"])
+    assert torch.all(dv[:2] == 0)

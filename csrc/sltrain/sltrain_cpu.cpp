@@ -1,11 +1,18 @@
-// SLTrain linear on the CPU, path (a) of the research notes: materialize W = scale·B·A + S in an
-// fp32 (fp64) scratch — the scale is the GEMM's alpha, the scatter of S one pass — then y = x·Wᵀ on the
-// strided GEMM engine (Wᵀ is addressing). The backward recomputes W for dx, then reuses the same scratch
-// for G = dyᵀ·x, from which dvalues (a gather), dA = scale·Bᵀ·G and dB = scale·G·Aᵀ follow. Nothing of
-// size out·in outlives a call.
+// SLTrain linear on the CPU, two paths of the research notes, chosen per shape by their multiply-add count
+// (env LOWRANK_SLTRAIN_CPU_PATH=materialize|lowrank forces one, for tests):
+//  (a) materialize W = scale·B·A + S in an fp32 (fp64) scratch — scale is the GEMM's alpha, S one scatter —
+//      then y = x·Wᵀ (Wᵀ is addressing). Backward: recompute W for dx, reuse the scratch for G = dyᵀ·x, then
+//      dvalues (a gather), dA = scale·Bᵀ·G, dB = scale·G·Aᵀ. Best when tokens ≫ r.
+//  (b) low-rank + sparse: y = scale·(x·Aᵀ)·Bᵀ + x·Sᵀ, with the sparse term run on token-major transposes of
+//      the activations, so every nonzero is one vectorizable axpy over a chunk of tokens (dvalues one dot
+//      product over tokens). Best when tokens ≲ r or the support is sparse enough: r(in+out) + nnz < in·out
+//      is SLTrain's premise.
+// Nothing of size out·in outlives a call.
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <vector>
 
 #include "common/cpu_dispatch.h"
@@ -66,6 +73,142 @@ void materialize(const SLTrainDims& d, const T* A, const T* B, const T* values, 
 
 Tensor contiguous_of(const Tensor& t) { return torch::stable::contiguous(t); }
 
+enum class Path { kMaterialize, kLowRank };
+
+Path choose_path(const SLTrainDims& d) {
+  if (const char* env = std::getenv("LOWRANK_SLTRAIN_CPU_PATH")) {
+    if (std::strcmp(env, "materialize") == 0) return Path::kMaterialize;
+    if (std::strcmp(env, "lowrank") == 0) return Path::kLowRank;
+  }
+  // multiply-adds of the forward; a sparse multiply-add (a scattered row, no register blocking) measured
+  // about 8x the cost of a GEMM one on the development machine
+  const double materialize = double(d.out) * d.in * d.r + double(d.T) * d.out * d.in;
+  const double lowrank = double(d.T) * d.r * (d.in + d.out) + 8.0 * double(d.T) * d.nnz;
+  return lowrank < materialize ? Path::kLowRank : Path::kMaterialize;
+}
+
+// dst[c·rows + r] = src[r·cols + c] (Acc), in 32 x 32 blocks.
+template <typename Acc, typename T>
+void transpose_to(Acc* dst, const T* src, int64_t rows, int64_t cols) {
+  constexpr int64_t kB = 32;
+  torch::stable::parallel_for(0, (cols + kB - 1) / kB, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t cb = begin * kB; cb < std::min(cols, end * kB); cb += kB)
+      for (int64_t rb = 0; rb < rows; rb += kB)
+        for (int64_t c = cb; c < std::min(cols, cb + kB); ++c)
+          for (int64_t r = rb; r < std::min(rows, rb + kB); ++r) dst[c * rows + r] = static_cast<Acc>(src[r * cols + c]);
+  });
+}
+
+// dst[r·cols + c] = src[c·rows + r] (+ bias[c]), converting to T.
+template <typename Acc, typename T>
+void transpose_from(T* dst, const Acc* src, int64_t rows, int64_t cols, const T* bias) {
+  constexpr int64_t kB = 32;
+  torch::stable::parallel_for(0, (rows + kB - 1) / kB, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t rb = begin * kB; rb < std::min(rows, end * kB); rb += kB)
+      for (int64_t cb = 0; cb < cols; cb += kB)
+        for (int64_t r = rb; r < std::min(rows, rb + kB); ++r)
+          for (int64_t c = cb; c < std::min(cols, cb + kB); ++c)
+            dst[r * cols + c] = static_cast<T>(src[c * rows + r] + (bias ? static_cast<Acc>(bias[c]) : Acc(0)));
+  });
+}
+
+// The support as (row, col) pairs; row -1 marks an out-of-range index (ignored).
+struct Support {
+  std::vector<int64_t> row, col;
+};
+Support decode_support(const Tensor& indices, const SLTrainDims& d) {
+  Support s;
+  s.row.resize(static_cast<size_t>(d.nnz));
+  s.col.resize(static_cast<size_t>(d.nnz));
+  for_each_index(indices, d.nnz, d.out * d.in, [&](int64_t k, int64_t v) {
+    s.row[k] = v >= 0 ? v / d.in : -1;
+    s.col[k] = v >= 0 ? v % d.in : 0;
+  });
+  return s;
+}
+
+// dstT[row_k, :] += v_k · srcT[col_k, :] over token-major (·, T) arrays (or with rows and cols swapped),
+// parallel over token chunks so no two threads touch one element.
+template <typename Acc, typename T>
+void sparse_axpy(Acc* dstT, const Acc* srcT, const std::vector<int64_t>& dst_of, const std::vector<int64_t>& src_of,
+                 const std::vector<int64_t>& valid, const T* values, int64_t nnz, int64_t tokens) {
+  constexpr int64_t kChunk = 256;
+  torch::stable::parallel_for(0, (tokens + kChunk - 1) / kChunk, 1, [&](int64_t begin, int64_t end) {
+    const int64_t t0 = begin * kChunk, t1 = std::min(tokens, end * kChunk);
+    for (int64_t k = 0; k < nnz; ++k) {
+      if (valid[k] < 0) continue;
+      const Acc v = static_cast<Acc>(values[k]);
+      Acc* __restrict dst = dstT + dst_of[k] * tokens;
+      const Acc* __restrict src = srcT + src_of[k] * tokens;
+      for (int64_t t = t0; t < t1; ++t) dst[t] += v * src[t];
+    }
+  });
+}
+
+// Path (b) backward. h = dy·B (T, r), u = x·Aᵀ (T, r):
+//   dx = scale·h·A + dy·S;  dA = scale·hᵀ·x;  dB = scale·dyᵀ·u;  dvalues_k = Σ_t dy[t, row_k]·x[t, col_k].
+template <typename Acc, typename T>
+void lowrank_backward(const SLTrainDims& d, const T* g, const T* x, const T* A, const T* B, const T* values,
+                      const Tensor& indices, double scale, T* dx, T* dA, T* dB, T* dv) {
+  if (d.T == 0) {  // sums over no tokens
+    for (int64_t e = 0; dA && e < d.r * d.in; ++e) dA[e] = T(0);
+    for (int64_t e = 0; dB && e < d.out * d.r; ++e) dB[e] = T(0);
+    for (int64_t e = 0; dv && e < d.nnz; ++e) dv[e] = T(0);
+    return;
+  }
+  const Support sup = decode_support(indices, d);
+  auto scratch = [&](int64_t n) { return torch::stable::empty({n}, acc_scalar_type<Acc>()); };
+  Tensor h_t = scratch(d.T * d.r), gT_t = scratch(d.out * d.T), xT_t = scratch(d.in * d.T);
+  Acc* h = static_cast<Acc*>(h_t.data_ptr());
+  Acc* gT = static_cast<Acc*>(gT_t.data_ptr());
+  Acc* xT = static_cast<Acc*>(xT_t.data_ptr());
+  if (dx || dA)  // h[t, j] = Σ_o g[t, o]·B[o, j]
+    strided_batched_gemm<Acc, T, T, Acc>(1, d.T, d.r, d.out, operand<const T>(g, 0, d.out, 1),
+                                         operand<const T>(B, 0, d.r, 1), operand<Acc>(h, 0, d.r, 1));
+  if (dx || dv) transpose_to(gT, g, d.T, d.out);
+  if (dv) transpose_to(xT, x, d.T, d.in);
+  if (dx) {
+    Tensor dxT_t = scratch(d.in * d.T);
+    Acc* dxT = static_cast<Acc*>(dxT_t.data_ptr());
+    // dxᵀ[i, t] = scale·Σ_j A[j, i]·h[t, j];  dxᵀ[col_k] += v_k·gᵀ[row_k]
+    strided_batched_gemm<Acc, T, Acc, Acc>(1, d.in, d.T, d.r, operand<const T>(A, 0, 1, d.in),
+                                           operand<const Acc>(h, 0, 1, d.r), operand<Acc>(dxT, 0, d.T, 1), Acc(scale));
+    sparse_axpy<Acc>(dxT, gT, sup.col, sup.row, sup.row, values, d.nnz, d.T);
+    transpose_from(dx, dxT, d.T, d.in, static_cast<const T*>(nullptr));
+  }
+  if (dA) {
+    // dA[j, i] = scale·Σ_t h[t, j]·x[t, i];  dB[o, j] = scale·Σ_t g[t, o]·u[t, j], u = x·Aᵀ
+    strided_batched_gemm<Acc, Acc, T, T>(1, d.r, d.in, d.T, operand<const Acc>(h, 0, 1, d.r),
+                                         operand<const T>(x, 0, d.in, 1), operand<T>(dA, 0, d.in, 1), Acc(scale));
+    Tensor u_t = scratch(d.T * d.r);
+    Acc* u = static_cast<Acc*>(u_t.data_ptr());
+    strided_batched_gemm<Acc, T, T, Acc>(1, d.T, d.r, d.in, operand<const T>(x, 0, d.in, 1),
+                                         operand<const T>(A, 0, 1, d.in), operand<Acc>(u, 0, d.r, 1));
+    strided_batched_gemm<Acc, T, Acc, T>(1, d.out, d.r, d.T, operand<const T>(g, 0, 1, d.out),
+                                         operand<const Acc>(u, 0, d.r, 1), operand<T>(dB, 0, d.r, 1), Acc(scale));
+  }
+  if (dv) {
+    torch::stable::parallel_for(0, d.nnz, 256, [&](int64_t begin, int64_t end) {
+      for (int64_t k = begin; k < end; ++k) {
+        if (sup.row[k] < 0) {
+          dv[k] = T(0);
+          continue;
+        }
+        const Acc* a = gT + sup.row[k] * d.T;
+        const Acc* b = xT + sup.col[k] * d.T;
+        Acc part[8] = {};  // 8 independent sums so the compiler can vectorize the reduction
+        int64_t t = 0;
+        for (; t + 8 <= d.T; t += 8)
+          for (int j = 0; j < 8; ++j) part[j] += a[t + j] * b[t + j];
+        Acc acc = 0;
+        for (; t < d.T; ++t) acc += a[t] * b[t];
+        for (int j = 0; j < 8; ++j) acc += part[j];
+        dv[k] = static_cast<T>(acc);
+      }
+    });
+  }
+}
+
 Tensor sltrain_linear_cpu(Tensor x, Tensor A, Tensor B, Tensor values, Tensor indices, double scale,
                           std::optional<Tensor> bias, bool check) {
   const SLTrainDims d = sltrain_dims(kFwd, x, A, B, values, indices, bias);
@@ -79,6 +222,24 @@ Tensor sltrain_linear_cpu(Tensor x, Tensor A, Tensor B, Tensor values, Tensor in
     using T = decltype(tag);
     using Acc = acc_t<T>;
     auto ptr = [](const Tensor& t) { return static_cast<T*>(t.data_ptr()); };
+    if (choose_path(d) == Path::kLowRank) {
+      const Support sup = decode_support(indices, d);
+      auto scratch = [&](int64_t n) { return torch::stable::empty({n}, acc_scalar_type<Acc>()); };
+      Tensor xT_t = scratch(d.in * d.T), u_t = scratch(d.T * d.r), yT_t = scratch(d.out * d.T);
+      Acc* xT = static_cast<Acc*>(xT_t.data_ptr());
+      Acc* u = static_cast<Acc*>(u_t.data_ptr());
+      Acc* yT = static_cast<Acc*>(yT_t.data_ptr());
+      transpose_to(xT, ptr(x), d.T, d.in);
+      // u = x·Aᵀ (T, r);  yᵀ = scale·B·uᵀ (out, T);  yᵀ[row_k] += v_k·xᵀ[col_k]
+      strided_batched_gemm<Acc, T, T, Acc>(1, d.T, d.r, d.in, operand<const T>(ptr(x), 0, d.in, 1),
+                                           operand<const T>(ptr(A), 0, 1, d.in), operand<Acc>(u, 0, d.r, 1));
+      strided_batched_gemm<Acc, T, Acc, Acc>(1, d.out, d.T, d.r, operand<const T>(ptr(B), 0, d.r, 1),
+                                             operand<const Acc>(u, 0, 1, d.r), operand<Acc>(yT, 0, d.T, 1), Acc(scale));
+      sparse_axpy<Acc>(yT, xT, sup.row, sup.col, sup.row, ptr(values), d.nnz, d.T);
+      const Tensor b = bias.has_value() ? contiguous_of(*bias) : Tensor();
+      transpose_from(ptr(y), yT, d.T, d.out, bias.has_value() ? static_cast<const T*>(b.data_ptr()) : nullptr);
+      return;
+    }
     Tensor w_t = torch::stable::empty({d.out, d.in}, acc_scalar_type<Acc>());
     Acc* w = static_cast<Acc*>(w_t.data_ptr());
     materialize<Acc>(d, ptr(A), ptr(B), ptr(values), indices, scale, w);
@@ -117,6 +278,21 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sltrain_linear_backward_cpu(
     using Acc = acc_t<T>;
     auto ptr = [](const Tensor& t) { return static_cast<T*>(t.data_ptr()); };
     const T* g = ptr(grad_out);
+    if (has_bias) {
+      T* dbp = ptr(db);
+      torch::stable::parallel_for(0, d.out, 256, [&](int64_t begin, int64_t end) {
+        std::vector<Acc> acc(static_cast<size_t>(end - begin), Acc(0));
+        for (int64_t t = 0; t < d.T; ++t)
+          for (int64_t o = begin; o < end; ++o) acc[o - begin] += static_cast<Acc>(g[t * d.out + o]);
+        for (int64_t o = begin; o < end; ++o) dbp[o] = static_cast<T>(acc[o - begin]);
+      });
+    }
+    if (choose_path(d) == Path::kLowRank) {
+      lowrank_backward<Acc>(d, g, ptr(x), ptr(A), ptr(B), ptr(values), indices, scale,
+                            need_grad_x ? ptr(dx) : nullptr, need_grad_lowrank ? ptr(dA) : nullptr,
+                            need_grad_lowrank ? ptr(dB) : nullptr, need_grad_values ? ptr(dv) : nullptr);
+      return;
+    }
     Tensor scratch_t = torch::stable::empty({d.out, d.in}, acc_scalar_type<Acc>());
     Acc* scratch = static_cast<Acc*>(scratch_t.data_ptr());
     if (need_grad_x && d.T > 0) {
@@ -143,15 +319,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sltrain_linear_backward_cpu(
                                              operand<const T>(ptr(A), 0, 1, d.in), operand<T>(ptr(dB), 0, d.r, 1),
                                              Acc(scale));
       }
-    }
-    if (has_bias) {
-      T* dbp = ptr(db);
-      torch::stable::parallel_for(0, d.out, 256, [&](int64_t begin, int64_t end) {
-        std::vector<Acc> acc(static_cast<size_t>(end - begin), Acc(0));
-        for (int64_t t = 0; t < d.T; ++t)
-          for (int64_t o = begin; o < end; ++o) acc[o - begin] += static_cast<Acc>(g[t * d.out + o]);
-        for (int64_t o = begin; o < end; ++o) dbp[o] = static_cast<T>(acc[o - begin]);
-      });
     }
   });
   return {dx, dA, dB, dv, db};
