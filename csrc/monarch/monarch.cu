@@ -51,6 +51,7 @@
 #include <tuple>
 #include <vector>
 
+#include "common/gemm_runner.cuh"
 #include "common/strided_gemm.cuh"
 #include "monarch/monarch_common.h"
 #include "monarch/monarch_fused.cuh"
@@ -58,101 +59,7 @@
 namespace lowrank {
 namespace {
 
-using sgemm::Operand;
-using sgemm::Output;
-using sgemm::Problem;
-
-void check_cuda(cudaError_t e, const char* op, const char* what) {
-  STD_TORCH_CHECK(e == cudaSuccess, op, ": CUDA error in ", what, ": ", cudaGetErrorString(e));
-}
-
-cudaStream_t current_stream(int32_t device_index) {
-  void* s = nullptr;
-  TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device_index, &s));
-  return static_cast<cudaStream_t>(s);
-}
-
-int num_sms(int32_t device_index) {
-  int v = 0;
-  const cudaError_t e = cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device_index);
-  if (e != cudaSuccess || v <= 0) {
-    (void)cudaGetLastError();
-    return 132;
-  }
-  return v;
-}
-
-Operand operand(const Tensor& t, int64_t gs, int64_t s_mn, int64_t s_k) {
-  return Operand{t.const_data_ptr(), gs, s_mn, s_k, 0};
-}
-
-Output output(const Tensor& t, int64_t gs, int64_t rs, int64_t cs) {
-  return Output{t.mutable_data_ptr(), gs, rs, cs, 0, 0, 0, 0, 0};
-}
-
-// Runs one strided batched GEMM of dtype st. When the output is a whole dense weight-gradient tensor
-// (allow_split), K may be split over an fp32 workspace reduced into `c_tensor`.
-struct GemmRunner {
-  const char* op;
-  ScalarType st;
-  int32_t device;
-  int sms;
-  cudaStream_t stream;
-  Tensor like;  // for workspace allocation (device)
-
-  void run(const Operand& a, const Operand& b, Output c, int64_t M, int64_t N, int64_t K, int64_t groups,
-           bool allow_split = false, const Tensor* c_tensor = nullptr) const {
-    if (M == 0 || N == 0 || groups == 0) return;
-    const int64_t imax = std::numeric_limits<int32_t>::max();
-    // K gets headroom: split-K adds up to one k_per_split (rounded to the 32-wide K step) to a K offset
-    STD_TORCH_CHECK(M <= imax && N <= imax && K <= imax - 64 && groups <= imax, op,
-                    ": a GEMM dimension exceeds 2^31 - 1 (M=", M, ", N=", N, ", K=", K, ", groups=", groups, ")");
-    const bool f32 = st == ScalarType::Float;
-    const sgemm::Plan plan = sgemm::plan_gemm(f32, M, N, K, groups, sms, allow_split && c_tensor != nullptr);
-    Problem P;
-    P.a = a;
-    P.b = b;
-    P.M = static_cast<int>(M);
-    P.N = static_cast<int>(N);
-    P.K = static_cast<int>(K);
-    P.groups = static_cast<int>(groups);
-    Tensor ws = like;
-    const int64_t elems = groups * M * N;  // only meaningful for a dense weight output
-    if (plan.splits > 1) {
-      ws = torch::stable::new_empty(like, {plan.splits * elems}, ScalarType::Float);
-      c.ptr = ws.mutable_data_ptr();
-      c.f32 = 1;
-      c.split_stride = elems;
-    }
-    P.c = c;
-    cudaError_t e = cudaSuccess;
-    switch (st) {
-      case ScalarType::Float: e = sgemm::launch_gemm<float>(P, plan, stream); break;
-      case ScalarType::Half: e = sgemm::launch_gemm<__half>(P, plan, stream); break;
-      case ScalarType::BFloat16: e = sgemm::launch_gemm<__nv_bfloat16>(P, plan, stream); break;
-      default: STD_TORCH_CHECK(false, op, ": unsupported dtype on CUDA");
-    }
-    check_cuda(e, op, "strided GEMM launch");
-    if (plan.splits > 1) {
-      const float* wsp = static_cast<const float*>(ws.const_data_ptr());
-      void* dst = c_tensor->mutable_data_ptr();
-      switch (st) {
-        case ScalarType::Float:
-          e = sgemm::launch_splitk_reduce<float>(wsp, static_cast<float*>(dst), elems, plan.splits, stream);
-          break;
-        case ScalarType::Half:
-          e = sgemm::launch_splitk_reduce<__half>(wsp, static_cast<__half*>(dst), elems, plan.splits, stream);
-          break;
-        default:
-          e = sgemm::launch_splitk_reduce<__nv_bfloat16>(wsp, static_cast<__nv_bfloat16*>(dst), elems,
-                                                          plan.splits, stream);
-          break;
-      }
-      check_cuda(e, op, "split-K reduce launch");
-    }
-    // ws (if any) is released to the caching allocator on the current stream, after the reduce is queued.
-  }
-};
+using namespace cuda_glue;
 
 void check_sizes(const char* op, const MonarchDims& d) {
   const int64_t imax = std::numeric_limits<int32_t>::max();
@@ -208,10 +115,6 @@ bool try_fused_forward(const char* op, const MonarchDims& d, const Tensor& x, co
   return true;
 }
 
-GemmRunner make_runner(const char* op, const Tensor& x) {
-  const int32_t dev = x.get_device_index();
-  return GemmRunner{op, x.scalar_type(), dev, num_sms(dev), current_stream(dev), x};
-}
 
 Tensor monarch_matmul_cuda(Tensor x, Tensor w1, Tensor w2) {
   const char* op = "lowrank.monarch_matmul";

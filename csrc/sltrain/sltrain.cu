@@ -50,112 +50,14 @@
 #include <tuple>
 #include <vector>
 
+#include "common/gemm_runner.cuh"
 #include "common/strided_gemm.cuh"
 #include "sltrain/sltrain_common.h"
 
 namespace lowrank {
 namespace {
 
-using sgemm::Operand;
-using sgemm::Output;
-using sgemm::Problem;
-
-void check_cuda(cudaError_t e, const char* op, const char* what) {
-  STD_TORCH_CHECK(e == cudaSuccess, op, ": CUDA error in ", what, ": ", cudaGetErrorString(e));
-}
-
-cudaStream_t current_stream(int32_t device_index) {
-  void* s = nullptr;
-  TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device_index, &s));
-  return static_cast<cudaStream_t>(s);
-}
-
-int num_sms(int32_t device_index) {
-  int v = 0;
-  const cudaError_t e = cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device_index);
-  if (e != cudaSuccess || v <= 0) {
-    (void)cudaGetLastError();
-    return 132;
-  }
-  return v;
-}
-
-Operand operand(const Tensor& t, int64_t s_mn, int64_t s_k) { return Operand{t.const_data_ptr(), 0, s_mn, s_k, 0}; }
-
-Output output(const Tensor& t, int64_t rs, int64_t cs) {
-  return Output{t.mutable_data_ptr(), 0, rs, cs, 0, 0, 0, 0, 0};
-}
-
-// Runs one strided GEMM (groups = 1) of dtype st: C = alpha·A·B (+ bias[n]). When the output is a whole
-// dense (M, N) tensor (allow_split, c_tensor), K may be split over an fp32 workspace reduced into it.
-struct GemmRunner {
-  const char* op;
-  ScalarType st;
-  int32_t device;
-  int sms;
-  cudaStream_t stream;
-  Tensor like;  // for workspace allocation (device)
-
-  void run(const Operand& a, const Operand& b, Output c, int64_t M, int64_t N, int64_t K, float alpha = 1.f,
-           const void* bias = nullptr, bool allow_split = false, const Tensor* c_tensor = nullptr) const {
-    if (M == 0 || N == 0) return;
-    const int64_t imax = std::numeric_limits<int32_t>::max();
-    // K gets headroom: split-K adds up to one k_per_split (rounded to the 32-wide K step) to a K offset
-    STD_TORCH_CHECK(M <= imax && N <= imax && K <= imax - 64, op, ": a GEMM dimension exceeds 2^31 - 1 (M=", M,
-                    ", N=", N, ", K=", K, ")");
-    const bool f32 = st == ScalarType::Float;
-    const sgemm::Plan plan = sgemm::plan_gemm(f32, M, N, K, 1, sms, allow_split && c_tensor != nullptr);
-    Problem P;
-    P.a = a;
-    P.b = b;
-    P.M = static_cast<int>(M);
-    P.N = static_cast<int>(N);
-    P.K = static_cast<int>(K);
-    P.groups = 1;
-    P.alpha = alpha;
-    P.bias = bias;
-    Tensor ws = like;
-    const int64_t elems = M * N;  // only meaningful for a dense output
-    if (plan.splits > 1) {
-      ws = torch::stable::new_empty(like, {plan.splits * elems}, ScalarType::Float);
-      c.ptr = ws.mutable_data_ptr();
-      c.f32 = 1;
-      c.split_stride = elems;
-    }
-    P.c = c;
-    cudaError_t e = cudaSuccess;
-    switch (st) {
-      case ScalarType::Float: e = sgemm::launch_gemm<float>(P, plan, stream); break;
-      case ScalarType::Half: e = sgemm::launch_gemm<__half>(P, plan, stream); break;
-      case ScalarType::BFloat16: e = sgemm::launch_gemm<__nv_bfloat16>(P, plan, stream); break;
-      default: STD_TORCH_CHECK(false, op, ": unsupported dtype on CUDA");
-    }
-    check_cuda(e, op, "strided GEMM launch");
-    if (plan.splits > 1) {
-      const float* wsp = static_cast<const float*>(ws.const_data_ptr());
-      void* dst = c_tensor->mutable_data_ptr();
-      switch (st) {
-        case ScalarType::Float:
-          e = sgemm::launch_splitk_reduce<float>(wsp, static_cast<float*>(dst), elems, plan.splits, stream);
-          break;
-        case ScalarType::Half:
-          e = sgemm::launch_splitk_reduce<__half>(wsp, static_cast<__half*>(dst), elems, plan.splits, stream);
-          break;
-        default:
-          e = sgemm::launch_splitk_reduce<__nv_bfloat16>(wsp, static_cast<__nv_bfloat16*>(dst), elems,
-                                                          plan.splits, stream);
-          break;
-      }
-      check_cuda(e, op, "split-K reduce launch");
-    }
-    // ws (if any) is released to the caching allocator on the current stream, after the reduce is queued.
-  }
-};
-
-GemmRunner make_runner(const char* op, const Tensor& x) {
-  const int32_t dev = x.get_device_index();
-  return GemmRunner{op, x.scalar_type(), dev, num_sms(dev), current_stream(dev), x};
-}
+using namespace cuda_glue;
 
 // Grid size of a grid-stride loop over n items, 256 threads a block.
 unsigned grid_for(int64_t n, int sms) {
@@ -294,7 +196,7 @@ void validate_indices(const char* op, const SLTrainDims& d, const Tensor& idx, i
 // F1 + scatter: W (out, in) = scale·B·A, then W.view(-1)[idx] += values.
 void compute_weight(const GemmRunner& R, const SLTrainDims& d, const Tensor& A, const Tensor& B,
                     const Tensor& values, const Tensor& idx, double scale, const Tensor& W) {
-  R.run(operand(B, d.r, 1), operand(A, 1, d.in), output(W, d.in, 1), d.out, d.in, d.r, static_cast<float>(scale));
+  R.run1(operand(B, d.r, 1), operand(A, 1, d.in), output(W, d.in, 1), d.out, d.in, d.r, static_cast<float>(scale));
   if (d.nnz == 0) return;
   const int64_t total = d.out * d.in;
   dispatch_dtype(R.op, R.st, [&](auto ttag) {
@@ -355,7 +257,7 @@ Tensor sltrain_linear_cuda(Tensor x, Tensor A, Tensor B, Tensor values, Tensor i
   const Tensor W = torch::stable::new_empty(xc, {d.out, d.in});
   compute_weight(R, d, Ac, Bc, vc, ic, scale, W);
   // F2: y[t, j] = Σ_c x[t, c] · W[j, c] (+ bias[j])
-  R.run(operand(xc, d.in, 1), operand(W, d.in, 1), output(y, d.out, 1), d.T, d.out, d.in, 1.f,
+  R.run1(operand(xc, d.in, 1), operand(W, d.in, 1), output(y, d.out, 1), d.T, d.out, d.in, 1.f,
         bc.has_value() ? bc->const_data_ptr() : nullptr);
   return y;  // W goes back to the caching allocator on the current stream, after F2 is queued
 }
@@ -399,11 +301,11 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sltrain_linear_backward_cuda(
     if (need_grad_x) {
       compute_weight(R, d, Ac, Bc, vc, ic, scale, scratch);
       // B1: dx[t, c] = Σ_j dy[t, j] · W[j, c]
-      R.run(operand(dy, d.out, 1), operand(scratch, 1, d.in), output(dx, d.in, 1), d.T, d.in, d.out);
+      R.run1(operand(dy, d.out, 1), operand(scratch, 1, d.in), output(dx, d.in, 1), d.T, d.in, d.out);
     }
     if (need_g) {
       // B2: G[j, c] = Σ_t dy[t, j] · x[t, c]   (overwrites W; stream order puts it after B1)
-      R.run(operand(dy, 1, d.out), operand(xc, 1, d.in), output(scratch, d.in, 1), d.out, d.in, d.T, 1.f, nullptr,
+      R.run1(operand(dy, 1, d.out), operand(xc, 1, d.in), output(scratch, d.in, 1), d.out, d.in, d.T, 1.f, nullptr,
             /*allow_split=*/true, &scratch);
       if (need_grad_values && d.nnz > 0) {
         const int64_t total = d.out * d.in;
@@ -421,10 +323,10 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sltrain_linear_backward_cuda(
       if (need_grad_lowrank) {
         const float s = static_cast<float>(scale);
         // B3: dA[a, c] = scale · Σ_j B[j, a] · G[j, c]
-        R.run(operand(Bc, 1, d.r), operand(scratch, 1, d.in), output(dA, d.in, 1), d.r, d.in, d.out, s, nullptr,
+        R.run1(operand(Bc, 1, d.r), operand(scratch, 1, d.in), output(dA, d.in, 1), d.r, d.in, d.out, s, nullptr,
               /*allow_split=*/true, &dA);
         // B4: dB[j, a] = scale · Σ_c G[j, c] · A[a, c]
-        R.run(operand(scratch, d.in, 1), operand(Ac, d.in, 1), output(dB, d.r, 1), d.out, d.r, d.in, s, nullptr,
+        R.run1(operand(scratch, d.in, 1), operand(Ac, d.in, 1), output(dB, d.r, 1), d.out, d.r, d.in, s, nullptr,
               /*allow_split=*/true, &dB);
       }
     }
