@@ -6,6 +6,7 @@
 #include <torch/headeronly/util/Exception.h>
 
 #include <string>
+#include <vector>
 
 namespace lowrank {
 
@@ -41,6 +42,23 @@ inline void check_same_device(const char* op, const Tensor& a, const char* an, c
   const bool same = a.is_cuda() == b.is_cuda() && (!a.is_cuda() || a.get_device_index() == b.get_device_index());
   STD_TORCH_CHECK(same, op, ": ", an, " (", device_name(a), ") and ", bn, " (", device_name(b),
                   ") must be on the same device");
+}
+
+// Shape of an op's output: x's leading dims followed by `last`.
+inline std::vector<int64_t> out_shape_like(const Tensor& x, int64_t last) {
+  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
+  shape.back() = last;
+  return shape;
+}
+
+// grad_out of a backward op: x's dtype and device, shape (x's leading dims, last).
+inline void check_grad_out(const char* op, const Tensor& grad_out, const Tensor& x, int64_t last) {
+  check_same_dtype(op, grad_out, "grad_out", x, "x");
+  check_same_device(op, grad_out, "grad_out", x, "x");
+  const auto want = out_shape_like(x, last);
+  bool ok = grad_out.dim() == static_cast<int64_t>(want.size());
+  for (int64_t i = 0; ok && i < grad_out.dim(); ++i) ok = grad_out.size(i) == want[static_cast<size_t>(i)];
+  STD_TORCH_CHECK(ok, op, ": grad_out must have the output's shape (x's leading dims, ", last, ")");
 }
 
 }  // namespace lowrank

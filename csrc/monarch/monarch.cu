@@ -124,7 +124,7 @@ Tensor monarch_matmul_cuda(Tensor x, Tensor w1, Tensor w2) {
   const Tensor xc = torch::stable::contiguous(x);
   const Tensor w1c = torch::stable::contiguous(w1);
   const Tensor w2c = torch::stable::contiguous(w2);
-  Tensor out = torch::stable::new_empty(xc, monarch_out_shape(x, d.out));
+  Tensor out = torch::stable::new_empty(xc, out_shape_like(x, d.out));
   if (d.batch == 0) return out;
   check_sizes(op, d);
   if (try_fused_forward(op, d, xc, w1c, w2c, out)) return out;
@@ -142,7 +142,7 @@ std::tuple<Tensor, Tensor, Tensor> monarch_matmul_backward_cuda(Tensor grad_out,
   const char* op = "lowrank.monarch_matmul_backward";
   const MonarchDims d = monarch_dims(op, x, w1, w2);
   STD_TORCH_CHECK(x.is_cuda(), op, ": expected CUDA tensors");
-  check_monarch_grad_out(op, grad_out, x, d);
+  check_grad_out(op, grad_out, x, d.out);
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   const Tensor xc = torch::stable::contiguous(x);
   const Tensor w1c = torch::stable::contiguous(w1);

@@ -210,7 +210,7 @@ Tensor monarch_matmul_cpu(Tensor x, Tensor w1, Tensor w2) {
   x = torch::stable::contiguous(x);
   w1 = torch::stable::contiguous(w1);
   w2 = torch::stable::contiguous(w2);
-  Tensor out = torch::stable::new_empty(x, monarch_out_shape(x, d.out));
+  Tensor out = torch::stable::new_empty(x, out_shape_like(x, d.out));
   if (d.batch == 0) return out;
   dispatch_float(x.scalar_type(), kFwd, [&](auto tag) {
     using T = decltype(tag);
@@ -223,7 +223,7 @@ Tensor monarch_matmul_cpu(Tensor x, Tensor w1, Tensor w2) {
 std::tuple<Tensor, Tensor, Tensor> monarch_matmul_backward_cpu(Tensor grad_out, Tensor x, Tensor w1, Tensor w2,
                                                                bool need_grad_x, bool need_grad_w) {
   const MonarchDims d = monarch_dims(kBwd, x, w1, w2);
-  check_monarch_grad_out(kBwd, grad_out, x, d);
+  check_grad_out(kBwd, grad_out, x, d.out);
   grad_out = torch::stable::contiguous(grad_out);
   x = torch::stable::contiguous(x);
   w1 = torch::stable::contiguous(w1);

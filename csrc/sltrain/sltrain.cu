@@ -250,7 +250,7 @@ Tensor sltrain_linear_cuda(Tensor x, Tensor A, Tensor B, Tensor values, Tensor i
   const Tensor ic = torch::stable::contiguous(indices);
   const GemmRunner R = make_runner(op, xc);
   if (check) validate_indices(op, d, ic, R.sms, R.stream);
-  Tensor y = torch::stable::new_empty(xc, sltrain_out_shape(x, d.out));
+  Tensor y = torch::stable::new_empty(xc, out_shape_like(x, d.out));
   if (d.T == 0) return y;
   std::optional<Tensor> bc;
   if (bias.has_value()) bc = torch::stable::contiguous(*bias);
@@ -268,7 +268,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sltrain_linear_backward_cuda(
   const char* op = "lowrank.sltrain_linear_backward";
   const SLTrainDims d = sltrain_dims(op, x, A, B, values, indices, std::nullopt);
   STD_TORCH_CHECK(x.is_cuda(), op, ": expected CUDA tensors");
-  check_sltrain_grad_out(op, grad_out, x, d);
+  check_grad_out(op, grad_out, x, d.out);
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   const Tensor xc = torch::stable::contiguous(x);
   const Tensor Ac = torch::stable::contiguous(A);

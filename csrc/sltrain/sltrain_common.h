@@ -54,20 +54,4 @@ inline SLTrainDims sltrain_dims(const char* op, const Tensor& x, const Tensor& A
   return d;
 }
 
-inline std::vector<int64_t> sltrain_out_shape(const Tensor& x, int64_t out) {
-  std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
-  shape.back() = out;
-  return shape;
-}
-
-// grad_out of the backward: x's dtype and device, shape (x's leading dims, out).
-inline void check_sltrain_grad_out(const char* op, const Tensor& grad_out, const Tensor& x, const SLTrainDims& d) {
-  check_same_dtype(op, grad_out, "grad_out", x, "x");
-  check_same_device(op, grad_out, "grad_out", x, "x");
-  const auto want = sltrain_out_shape(x, d.out);
-  bool ok = grad_out.dim() == static_cast<int64_t>(want.size());
-  for (int64_t i = 0; ok && i < grad_out.dim(); ++i) ok = grad_out.size(i) == want[static_cast<size_t>(i)];
-  STD_TORCH_CHECK(ok, op, ": grad_out must have the output's shape (x's leading dims, out = ", d.out, ")");
-}
-
 }  // namespace lowrank

@@ -216,7 +216,7 @@ Tensor sltrain_linear_cpu(Tensor x, Tensor A, Tensor B, Tensor values, Tensor in
   x = contiguous_of(x), A = contiguous_of(A), B = contiguous_of(B);
   values = contiguous_of(values), indices = contiguous_of(indices);
   if (check) validate_indices(kFwd, indices, d.nnz, d.out * d.in);
-  Tensor y = torch::stable::new_empty(x, sltrain_out_shape(x, d.out));
+  Tensor y = torch::stable::new_empty(x, out_shape_like(x, d.out));
   if (d.T == 0) return y;
   dispatch_float(x.scalar_type(), kFwd, [&](auto tag) {
     using T = decltype(tag);
@@ -264,7 +264,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sltrain_linear_backward_cpu(
     Tensor grad_out, Tensor x, Tensor A, Tensor B, Tensor values, Tensor indices, double scale, bool has_bias,
     bool need_grad_x, bool need_grad_lowrank, bool need_grad_values) {
   const SLTrainDims d = sltrain_dims(kBwd, x, A, B, values, indices, std::nullopt);
-  check_sltrain_grad_out(kBwd, grad_out, x, d);
+  check_grad_out(kBwd, grad_out, x, d.out);
   grad_out = contiguous_of(grad_out), x = contiguous_of(x), A = contiguous_of(A), B = contiguous_of(B);
   values = contiguous_of(values), indices = contiguous_of(indices);
   auto empty0 = [](const Tensor& like) { return torch::stable::new_empty(like, {0}); };

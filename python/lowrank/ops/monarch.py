@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from ._autograd import refuse_double_backward
+
 _FWD = "lowrank::monarch_matmul"
 _BWD = "lowrank::monarch_matmul_backward"
 
@@ -93,14 +95,4 @@ def _backward(ctx, grad_out):
 
 torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
 
-
-def _no_double_backward(ctx, *grads):
-    raise NotImplementedError(
-        "lowrank.monarch_matmul: double backward (differentiating a gradient taken with create_graph=True) "
-        "is not supported"
-    )
-
-
-# Without this, autograd would treat the backward op as constant and second-order gradients would be
-# silently zero.
-torch.library.register_autograd(_BWD, _no_double_backward, setup_context=lambda ctx, inputs, output: None)
+refuse_double_backward(_BWD, "lowrank.monarch_matmul")

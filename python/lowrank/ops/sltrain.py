@@ -3,6 +3,8 @@ from __future__ import annotations
 
 import torch
 
+from ._autograd import refuse_double_backward
+
 _FWD = "lowrank::sltrain_linear"
 _BWD = "lowrank::sltrain_linear_backward"
 
@@ -101,12 +103,4 @@ def _backward(ctx, grad_out):
 
 torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
 
-
-def _no_double_backward(ctx, *grads):
-    raise NotImplementedError(
-        "lowrank.sltrain_linear: double backward (differentiating a gradient taken with create_graph=True) "
-        "is not supported"
-    )
-
-
-torch.library.register_autograd(_BWD, _no_double_backward, setup_context=lambda ctx, inputs, output: None)
+refuse_double_backward(_BWD, "lowrank.sltrain_linear")
