@@ -23,4 +23,29 @@ STABLE_TORCH_LIBRARY(lowrank, m) {
       "sltrain_linear_backward(Tensor grad_out, Tensor x, Tensor A, Tensor B, Tensor values, Tensor indices, "
       "float scale, bool has_bias, bool need_grad_x, bool need_grad_lowrank, bool need_grad_values) -> "
       "(Tensor grad_x, Tensor grad_A, Tensor grad_B, Tensor grad_values, Tensor grad_bias)");
+
+  // ---- iFairy (Fairy±i 2-bit complex inference). Public packed format: codes 0 = -1, 1 = +1, 2 = -i, 3 = +i;
+  // uint8 (out, ceil(in/4)), element j of a row in byte j//4 at bits 2·(j%4); scales float32 [s_re, s_im].
+  m.def("ifairy_quantize(Tensor w_real, Tensor w_imag) -> (Tensor packed, Tensor scales)");
+  m.def("ifairy_dequantize(Tensor packed, Tensor scales, int in_features) -> (Tensor w_real, Tensor w_imag)");
+  // y = W·conj(x) per token; act_quant: per-token int8 absmax of each part (iFairy's W2A8), exact integer sums.
+  m.def(
+      "ifairy_linear(Tensor x_real, Tensor x_imag, Tensor packed, Tensor scales, bool act_quant=True) -> "
+      "(Tensor y_real, Tensor y_imag)");
+  // ---- end iFairy
+
+  // ---- Low-rank gradient projection (GaLore / Fira / SVD-free DCT). G (m, n); right side (left=false): P (r, n),
+  // R = G·Pᵀ (m, r); left side (left=true): P (m, r), R = Pᵀ·G (r, n). sqnorms: ‖G‖² per row (right) / column (left).
+  m.def("galore_project(Tensor G, Tensor P, bool left, bool want_sqnorms) -> (Tensor R, Tensor sqnorms)");
+  // exp_avg = β1·exp_avg + (1-β1)·R; exp_avg_sq = β2·exp_avg_sq + (1-β2)·R²; returns N = exp_avg / (√exp_avg_sq + eps).
+  m.def("adam_lowrank_(Tensor(a!) exp_avg, Tensor(b!) exp_avg_sq, Tensor R, float beta1, float beta2, float eps) -> Tensor");
+  // W = decay·(W - back(M) - residual_scale ⊙ G); back(M) = M·P (right) or P·M (left); residual_scale per row/column.
+  m.def(
+      "galore_update_(Tensor(a!) W, Tensor M, Tensor P, bool left, float decay, Tensor? G=None, "
+      "Tensor? residual_scale=None) -> ()");
+  // Q (n, n) = orthonormal DCT-II matrix: Q[i, j] = √(2/n)·cos(π·i·(2j+1)/(2n)), row 0 scaled by √½.
+  m.def("dct_basis_(Tensor(a!) Q) -> ()");
+  // L1 norm of every coefficient column of G·Qᵀ (right, length n) or row of Q·G (left, length m), G·Qᵀ never stored.
+  m.def("basis_scores(Tensor G, Tensor Q, bool left) -> Tensor");
+  // ---- end projection
 }

@@ -14,14 +14,18 @@ _HAS_CUDA_KERNELS = _loader.load()
 from . import ops  # noqa: E402  (registers fakes and autograd after the libraries are loaded)
 from . import reference  # noqa: E402
 from .ops import monarch_matmul, sltrain_linear  # noqa: E402
+from .ops.ifairy import *  # noqa: E402,F401,F403
+from .ops.projection import *  # noqa: E402,F401,F403
 
 if not _HAS_CUDA_KERNELS:
     _loader.register_missing_cuda(ops.OP_NAMES)
 
 from . import nn  # noqa: E402
+from . import optim  # noqa: E402
 
 __version__ = "0.1.0"
-__all__ = ["monarch_matmul", "sltrain_linear", "has_cuda_kernels", "nn", "ops", "reference"]
+__all__ = ["monarch_matmul", "sltrain_linear", "has_cuda_kernels", "nn", "ops", "optim", "reference"]
+__all__ += ops.ifairy.__all__ + ops.projection.__all__
 
 
 def has_cuda_kernels() -> bool:

@@ -103,3 +103,12 @@ class _SLTrainOfficial(torch.autograd.Function):
 def sltrain_linear_official(x, A, B, values, indices, scale, bias=None):
     """SLTrain's own path (materialize, ``F.linear``, rebuild W in backward): the baseline users run today."""
     return _SLTrainOfficial.apply(x, A, B, values, indices, scale, bias)
+
+
+# The iFairy and projection references live in their own modules and are re-exported here.
+from ._reference_ifairy import *  # noqa: E402,F401,F403
+from ._reference_ifairy import __all__ as _ifairy_all  # noqa: E402
+from ._reference_projection import *  # noqa: E402,F401,F403
+from ._reference_projection import __all__ as _projection_all  # noqa: E402
+
+__all__ += _ifairy_all + _projection_all

@@ -13,6 +13,8 @@ from typing import Callable, Iterable, Iterator, Sequence
 FAMILIES = {
     "monarch": "lowrank.bench.monarch",
     "sltrain": "lowrank.bench.sltrain",
+    "ifairy": "lowrank.bench.ifairy",
+    "projection": "lowrank.bench.projection",
 }
 
 

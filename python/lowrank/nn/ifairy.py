@@ -1,0 +1,4 @@
+"""iFairy modules."""
+from __future__ import annotations
+
+__all__: list[str] = []

@@ -1,0 +1,4 @@
+"""Optimizers built on lowrank ops."""
+from __future__ import annotations
+
+__all__: list[str] = []
