@@ -9,7 +9,8 @@
 #
 # OUTDIR gets at most 8 files (setup.log pytest.log sanitizer.log bench.log bench_<dev>.json/.md/.png
 # summary.txt), so a lent machine that returns 8 files can send all of it back.
-# The whole run stays under GPU_CHECK_BUDGET_S seconds (default 330, inside a 6-minute slot).
+# The whole run stays under GPU_CHECK_BUDGET_S seconds (default 330, inside a 6-minute slot); the last step
+# times the environment-selected CUDA paths against each other (bench/ab_paths.py, AB_CONFIGS).
 # PYTHON overrides the interpreter (default: ./.venv/bin/python if present, else python3).
 set -u
 if [ $# -ne 2 ] || [[ $2 == *.whl ]]; then  # a glob that matched two wheels lands here
@@ -110,13 +111,23 @@ if [ "$CUDA" != 1 ]; then
 elif [ ! -d tests ]; then
     record pytest-cuda SKIP "no tests/ folder in the working tree"
 else
-    run_step 90 "$PYTEST_LOG" "$PY" -m pytest -m cuda tests -q -rfEs -p no:cacheprovider
+    run_step 120 "$PYTEST_LOG" "$PY" -m pytest -m cuda tests -q -rfEs -p no:cacheprovider
     LAST=$(grep -E '(passed|failed|error|no tests ran)' "$PYTEST_LOG" | tail -1)
     case $RC in
         0) record pytest-cuda PASS "$LAST" ;;
         5) record pytest-cuda SKIP "no test is marked cuda" ;;
         124) record pytest-cuda FAIL "timed out (pytest.log)" ;;
         *) record pytest-cuda FAIL "$LAST" ;;
+    esac
+    # The hand-written GEMM path too (the one LOWRANK_CUBLAS=0 selects), on the families that use it.
+    echo "===== LOWRANK_CUBLAS=0" >>"$PYTEST_LOG"
+    run_step 60 "$PYTEST_LOG" env LOWRANK_CUBLAS=0 "$PY" -m pytest -m cuda tests/test_monarch.py tests/test_sltrain.py \
+        -q -rfEs -p no:cacheprovider
+    LAST=$(grep -E '(passed|failed|error|no tests ran)' "$PYTEST_LOG" | tail -1)
+    case $RC in
+        0) record "pytest-cuda no-cublas" PASS "$LAST" ;;
+        124) record "pytest-cuda no-cublas" FAIL "timed out (pytest.log)" ;;
+        *) record "pytest-cuda no-cublas" FAIL "$LAST" ;;
     esac
 fi
 
@@ -163,6 +174,20 @@ case $RC in
     *) record "$BENCH" FAIL "could not run or crashed, rc $RC (bench.log)" ;;
 esac
 
+# 7. A/B of the paths the environment switches select (bench/ab_paths.py), appended to bench.log --------
+AB_LOG=$OUTDIR/bench.log
+AB_CONFIGS=${AB_CONFIGS:-"default LOWRANK_CUBLAS=0 LOWRANK_MONARCH_F1=epilogue LOWRANK_MONARCH_F1=natural LOWRANK_MONARCH_FUSED=0"}
+if [ "$CUDA" = 1 ] && [ -f bench/ab_paths.py ]; then
+    AB_FAIL=0
+    for cfg in $AB_CONFIGS; do
+        echo "===== A/B $cfg" >>"$AB_LOG"
+        if [ "$cfg" = default ]; then run_step 60 "$AB_LOG" "$PY" bench/ab_paths.py --tag default
+        else run_step 60 "$AB_LOG" env "$cfg" "$PY" bench/ab_paths.py --tag "${cfg#LOWRANK_}"; fi
+        [ "$RC" -eq 0 ] || AB_FAIL=1
+    done
+    [ "$AB_FAIL" = 0 ] && record ab-paths PASS "$AB_CONFIGS" || record ab-paths FAIL "a configuration failed or timed out (bench.log)"
+fi
+
 # summary, printed last --------------------------------------------------------------------------
 {
     echo
@@ -171,6 +196,7 @@ esac
     echo
     # the benchmark's own table: from its device header line to the files it wrote
     sed -n '/^\(cuda\|cpu\): /,/^wrote /p' "$BENCH_LOG" | grep -v '^wrote ' || tail -5 "$BENCH_LOG"
+    grep -E '^ *[A-Za-z0-9_=.-]+ (monarch|sltrain) ' "$BENCH_LOG" | sed 's/^/A\/B /' || true
     echo "logs and results: $OUTDIR"
 } | tee "$OUTDIR/summary.txt"
 for s in "${STATUS[@]}"; do [ "$s" = FAIL ] && exit 1; done

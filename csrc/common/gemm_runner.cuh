@@ -1,6 +1,7 @@
 // Host-side glue shared by the CUDA op files: error checks, the current stream, and GemmRunner, which runs
-// one strided batched GEMM of common/strided_gemm.cuh on torch's stream, with torch-allocated split-K
-// workspace. Everything is inline: each .cu file includes it.
+// one strided batched GEMM on torch's stream: on cuBLAS (common/cublas_gemm.cuh) when every operand has a
+// unit stride in one dimension and LOWRANK_CUBLAS is not 0, else on common/strided_gemm.cuh (any strides,
+// permuted epilogues) with torch-allocated split-K workspace. Everything is inline: each .cu file includes it.
 #pragma once
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/ops.h>
@@ -12,6 +13,7 @@
 #include <limits>
 
 #include "common/checks.h"
+#include "common/cublas_gemm.cuh"
 #include "common/strided_gemm.cuh"
 
 namespace lowrank {
@@ -81,6 +83,10 @@ struct GemmRunner {
     STD_TORCH_CHECK(M <= imax && N <= imax && K <= imax - 64 && groups <= imax, op,
                     ": a GEMM dimension exceeds 2^31 - 1 (M=", M, ", N=", N, ", K=", K, ", groups=", groups, ")");
     const bool f32 = st == ScalarType::Float;
+    if (f32 || st == ScalarType::Half || st == ScalarType::BFloat16) {
+      const cudaDataType_t cdt = f32 ? CUDA_R_32F : st == ScalarType::Half ? CUDA_R_16F : CUDA_R_16BF;
+      if (cublas_gemm::try_gemm(op, device, stream, cdt, f32 ? 4 : 2, a, b, c, M, N, K, groups, alpha, bias)) return;
+    }
     const sgemm::Plan plan = sgemm::plan_gemm(f32, M, N, K, groups, sms, allow_split && c_tensor != nullptr);
     Problem P;
     P.a = a;

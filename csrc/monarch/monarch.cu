@@ -36,6 +36,19 @@
 //    dy[b, a·l + c] = dz[b, c, a]; gu is a (B, l, s) contiguous copy of g: gu[b, c, d] = g[b, d·l + c].)
 //   "perm(l,q,r) rs N": C(i, b, j) -> mid[b·N + (u mod l)·r + u div l], u = i·q + j.
 //
+// cuBLAS layouts (the default; LOWRANK_CUBLAS=0 keeps everything on the kernels above). The first GPU run
+// measured the mma.sync GEMM at a quarter of cuBLAS, so the big GEMMs are laid out with unit-stride
+// operands and run on cuBLAS (common/cublas_gemm.cuh); what no stride can express is one transpose pass
+// (common/transpose.cuh):
+//   F1, mode "bycol" (l | q and q/l >= 16): the permuted epilogue becomes l cuBLAS calls, one per c, each
+//       batched over the k blocks: rows j = j'·l + c of w1[i] (row stride l·p) give mid[b, c·r + i·q/l + j']
+//       directly -- the first permutation is operand addressing, no copy;
+//   F1, mode "natural" (small blocks): y natural (B, N) on cuBLAS, then one transpose (B, r, l) -> (B, l, r);
+//   F2: u (B, l, s) on cuBLAS, then one transpose to out (B, s, l) (out[b, d·l + c] = u[b, c, d]);
+//   G1: dz (B, l, r) on cuBLAS, then one transpose to dy natural; G2, G3, G4 have unit strides as listed.
+// The fused forward is kept for blocks <= 64 (where it beat both cuBLAS paths in the first run).
+// Env overrides for A/B runs: LOWRANK_MONARCH_F1=bycol|natural|epilogue, LOWRANK_MONARCH_FUSED=0|1.
+//
 // Assumptions: x, w1, w2 (and grad_out) are made contiguous; batch, n, N, L < 2^31 (offsets are int64);
 // batch = 0 launches nothing (forward: empty output; backward: zero weight gradients).
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
@@ -47,12 +60,15 @@
 
 #include <cuda_runtime.h>
 
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <tuple>
 #include <vector>
 
 #include "common/gemm_runner.cuh"
 #include "common/strided_gemm.cuh"
+#include "common/transpose.cuh"
 #include "monarch/monarch_common.h"
 #include "monarch/monarch_fused.cuh"
 
@@ -68,13 +84,73 @@ void check_sizes(const char* op, const MonarchDims& d) {
                   ", k·q=", d.mid, ", l·s=", d.out, ")");
 }
 
+int elem_bytes(const Tensor& t) { return t.scalar_type() == ScalarType::Float ? 4 : 2; }
+
+const char* env(const char* name) {
+  const char* v = std::getenv(name);
+  return v != nullptr && *v != '\0' ? v : nullptr;
+}
+
+enum class F1Mode { kEpilogue, kByCol, kNatural };
+
+F1Mode f1_mode(const MonarchDims& d) {
+  if (!cublas_gemm::enabled()) return F1Mode::kEpilogue;
+  static const char* forced = env("LOWRANK_MONARCH_F1");
+  const bool bycol_ok = d.q % d.l == 0;
+  if (forced != nullptr) {
+    if (std::strcmp(forced, "epilogue") == 0) return F1Mode::kEpilogue;
+    if (std::strcmp(forced, "natural") == 0) return F1Mode::kNatural;
+    if (std::strcmp(forced, "bycol") == 0 && bycol_ok) return F1Mode::kByCol;
+  }
+  return bycol_ok && d.q / d.l >= 16 ? F1Mode::kByCol : F1Mode::kNatural;
+}
+
+void transpose_last2(const char* op, const Tensor& src, const Tensor& dst, int64_t B, int64_t R, int64_t C) {
+  check_cuda(transpose::transpose_last2(src.const_data_ptr(), dst.mutable_data_ptr(), B, R, C, elem_bytes(src),
+                                        current_stream(src.get_device_index())),
+             op, "transpose launch");
+}
+
 // F1: mid (B, l, r) = z, the permuted output of the first block-diagonal factor.
-void step1(const GemmRunner& R, const MonarchDims& d, const Tensor& x, const Tensor& w1, const Tensor& mid) {
-  Output c = output(mid, 0, d.mid, 0);
-  c.perm_l = static_cast<int>(d.l);
-  c.perm_q = static_cast<int>(d.q);
-  c.perm_r = static_cast<int>(d.r);
-  R.run(operand(x, d.p, d.n, 1), operand(w1, d.q * d.p, d.p, 1), c, d.batch, d.q, d.p, d.k);
+void step1(const char* op, const GemmRunner& R, const MonarchDims& d, const Tensor& x, const Tensor& w1,
+           const Tensor& mid) {
+  switch (f1_mode(d)) {
+    case F1Mode::kByCol: {
+      const int64_t ql = d.q / d.l;
+      const int eb = elem_bytes(x);
+      for (int64_t c = 0; c < d.l; ++c) {
+        Operand b = operand(w1, d.q * d.p, d.l * d.p, 1);  // rows j' · l + c of every block
+        b.ptr = static_cast<const char*>(b.ptr) + c * d.p * eb;
+        Output o = output(mid, ql, d.mid, 1);  // mid[b, c·r + i·q/l + j']
+        o.ptr = static_cast<char*>(o.ptr) + c * d.r * eb;
+        R.run(operand(x, d.p, d.n, 1), b, o, d.batch, ql, d.p, d.k);
+      }
+      return;
+    }
+    case F1Mode::kNatural: {
+      const Tensor y = torch::stable::new_empty(x, {d.batch, d.mid});
+      R.run(operand(x, d.p, d.n, 1), operand(w1, d.q * d.p, d.p, 1), output(y, d.q, d.mid, 1), d.batch, d.q, d.p,
+            d.k);
+      transpose_last2(op, y, mid, d.batch, d.r, d.l);  // z[b, c, a] = y[b, a·l + c]
+      return;
+    }
+    case F1Mode::kEpilogue: {
+      Output c = output(mid, 0, d.mid, 0);
+      c.perm_l = static_cast<int>(d.l);
+      c.perm_q = static_cast<int>(d.q);
+      c.perm_r = static_cast<int>(d.r);
+      R.run(operand(x, d.p, d.n, 1), operand(w1, d.q * d.p, d.p, 1), c, d.batch, d.q, d.p, d.k);
+      return;
+    }
+  }
+}
+
+// The fused forward where it is the measured winner: blocks <= 64 with cuBLAS on, any plan without it.
+bool fused_allowed(const MonarchDims& d) {
+  static const char* forced = env("LOWRANK_MONARCH_FUSED");
+  if (forced != nullptr) return std::strcmp(forced, "0") != 0;
+  if (!cublas_gemm::enabled()) return true;
+  return std::max(std::max(d.p, d.q), std::max(d.r, d.s)) <= 64;
 }
 
 int smem_optin(int32_t device_index) {
@@ -127,11 +203,18 @@ Tensor monarch_matmul_cuda(Tensor x, Tensor w1, Tensor w2) {
   Tensor out = torch::stable::new_empty(xc, out_shape_like(x, d.out));
   if (d.batch == 0) return out;
   check_sizes(op, d);
-  if (try_fused_forward(op, d, xc, w1c, w2c, out)) return out;
+  if (fused_allowed(d) && try_fused_forward(op, d, xc, w1c, w2c, out)) return out;
   const GemmRunner R = make_runner(op, xc);
   const Tensor mid = torch::stable::new_empty(xc, {d.batch, d.mid});
-  step1(R, d, xc, w1c, mid);
+  step1(op, R, d, xc, w1c, mid);
   // F2: out[b, d·l + c] = Σ_a w2[c, d, a] · z[b, c, a]
+  if (cublas_gemm::enabled()) {  // u (B, l, s) on cuBLAS, then the interleave as one transpose
+    const Tensor u = torch::stable::new_empty(xc, {d.batch, d.out});
+    R.run(operand(mid, d.r, d.mid, 1), operand(w2c, d.s * d.r, d.r, 1), output(u, d.s, d.out, 1), d.batch, d.s,
+          d.r, d.l);
+    transpose_last2(op, u, out, d.batch, d.l, d.s);
+    return out;
+  }
   R.run(operand(mid, d.r, d.mid, 1), operand(w2c, d.s * d.r, d.r, 1), output(out, 1, d.out, d.l), d.batch, d.s,
         d.r, d.l);
   return out;
@@ -165,12 +248,19 @@ std::tuple<Tensor, Tensor, Tensor> monarch_matmul_backward_cuda(Tensor grad_out,
 
   // gu[b, c, d] = g[b, d·l + c], one contiguous copy so that G1 and G2 load it with 16-byte cp.async
   // instead of a stride-l scalar gather on the backward's two big reads.
-  const Tensor gu = torch::stable::contiguous(
-      torch::stable::transpose(torch::stable::view(g, {d.batch, d.s, d.l}), 1, 2));
+  const Tensor gu = torch::stable::new_empty(xc, {d.batch, d.out});
+  transpose_last2(op, g, gu, d.batch, d.s, d.l);
   // G1: dy[b, a·l + c] = Σ_d gu[b, c, d] · w2[c, d, a]   (dy natural (B, N), input dtype)
   const Tensor dy = torch::stable::new_empty(xc, {d.batch, d.mid});
-  R.run(operand(gu, d.s, d.out, 1), operand(w2c, d.s * d.r, 1, d.r), output(dy, 1, d.mid, d.l), d.batch, d.r, d.s,
-        d.l);
+  if (cublas_gemm::enabled()) {  // dz (B, l, r) on cuBLAS, then one transpose to dy
+    const Tensor dz = torch::stable::new_empty(xc, {d.batch, d.mid});
+    R.run(operand(gu, d.s, d.out, 1), operand(w2c, d.s * d.r, 1, d.r), output(dz, d.r, d.mid, 1), d.batch, d.r,
+          d.s, d.l);
+    transpose_last2(op, dz, dy, d.batch, d.l, d.r);
+  } else {
+    R.run(operand(gu, d.s, d.out, 1), operand(w2c, d.s * d.r, 1, d.r), output(dy, 1, d.mid, d.l), d.batch, d.r,
+          d.s, d.l);
+  }
 
   if (need_grad_x) {
     // G3: dx[b, i·p + t] = Σ_j dy[b, i·q + j] · w1[i, j, t]
@@ -179,7 +269,7 @@ std::tuple<Tensor, Tensor, Tensor> monarch_matmul_backward_cuda(Tensor grad_out,
   }
   if (need_grad_w) {
     const Tensor mid = torch::stable::new_empty(xc, {d.batch, d.mid});
-    step1(R, d, xc, w1c, mid);
+    step1(op, R, d, xc, w1c, mid);
     // G2: dw2[c, d, a] = Σ_b gu[b, c, d] · z[b, c, a]
     R.run(operand(gu, d.s, 1, d.out), operand(mid, d.r, 1, d.mid), output(dw2, d.s * d.r, d.r, 1), d.s, d.r,
           d.batch, d.l, /*allow_split=*/true, &dw2);
