@@ -1,6 +1,6 @@
 """A/B timing of the CUDA code paths that environment switches select (one configuration per process).
 
-    LOWRANK_CUBLAS=0 python bench/ab_paths.py --tag no-cublas
+    LOWRANK_CUBLAS=1 python bench/ab_paths.py --tag cublas
 
 The switches are read once per process (LOWRANK_CUBLAS, LOWRANK_MONARCH_F1, LOWRANK_MONARCH_FUSED), so
 bench/gpu_check.sh runs this script once per configuration and the table it prints lets the defaults be

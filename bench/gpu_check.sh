@@ -119,15 +119,15 @@ else
         124) record pytest-cuda FAIL "timed out (pytest.log)" ;;
         *) record pytest-cuda FAIL "$LAST" ;;
     esac
-    # The hand-written GEMM path too (the one LOWRANK_CUBLAS=0 selects), on the families that use it.
-    echo "===== LOWRANK_CUBLAS=0" >>"$PYTEST_LOG"
-    run_step 60 "$PYTEST_LOG" env LOWRANK_CUBLAS=0 "$PY" -m pytest -m cuda tests/test_monarch.py tests/test_sltrain.py \
+    # The opt-in cuBLAS GEMM path too (LOWRANK_CUBLAS=1), on the families that use the GEMM runner.
+    echo "===== LOWRANK_CUBLAS=1" >>"$PYTEST_LOG"
+    run_step 60 "$PYTEST_LOG" env LOWRANK_CUBLAS=1 "$PY" -m pytest -m cuda tests/test_monarch.py tests/test_sltrain.py \
         -q -rfEs -p no:cacheprovider
     LAST=$(grep -E '(passed|failed|error|no tests ran)' "$PYTEST_LOG" | tail -1)
     case $RC in
-        0) record "pytest-cuda no-cublas" PASS "$LAST" ;;
-        124) record "pytest-cuda no-cublas" FAIL "timed out (pytest.log)" ;;
-        *) record "pytest-cuda no-cublas" FAIL "$LAST" ;;
+        0) record "pytest-cuda cublas" PASS "$LAST" ;;
+        124) record "pytest-cuda cublas" FAIL "timed out (pytest.log)" ;;
+        *) record "pytest-cuda cublas" FAIL "$LAST" ;;
     esac
 fi
 
@@ -176,13 +176,18 @@ esac
 
 # 7. A/B of the paths the environment switches select (bench/ab_paths.py), appended to bench.log --------
 AB_LOG=$OUTDIR/bench.log
-AB_CONFIGS=${AB_CONFIGS:-"default LOWRANK_CUBLAS=0 LOWRANK_MONARCH_F1=epilogue LOWRANK_MONARCH_F1=natural LOWRANK_MONARCH_FUSED=0"}
+# One configuration per word; a configuration sets one or more variables, comma-separated.
+AB_CONFIGS=${AB_CONFIGS:-"default LOWRANK_CUBLAS=1 LOWRANK_CUBLAS=1,LOWRANK_MONARCH_F1=epilogue LOWRANK_CUBLAS=1,LOWRANK_MONARCH_F1=natural LOWRANK_CUBLAS=1,LOWRANK_MONARCH_FUSED=0"}
 if [ "$CUDA" = 1 ] && [ -f bench/ab_paths.py ]; then
     AB_FAIL=0
     for cfg in $AB_CONFIGS; do
         echo "===== A/B $cfg" >>"$AB_LOG"
         if [ "$cfg" = default ]; then run_step 60 "$AB_LOG" "$PY" bench/ab_paths.py --tag default
-        else run_step 60 "$AB_LOG" env "$cfg" "$PY" bench/ab_paths.py --tag "${cfg#LOWRANK_}"; fi
+        else
+            IFS=, read -r -a VARS <<<"$cfg"
+            TAG=$(echo "$cfg" | sed 's/LOWRANK_//g; s/MONARCH_//g')
+            run_step 60 "$AB_LOG" env "${VARS[@]}" "$PY" bench/ab_paths.py --tag "$TAG"
+        fi
         [ "$RC" -eq 0 ] || AB_FAIL=1
     done
     [ "$AB_FAIL" = 0 ] && record ab-paths PASS "$AB_CONFIGS" || record ab-paths FAIL "a configuration failed or timed out (bench.log)"
@@ -196,7 +201,7 @@ fi
     echo
     # the benchmark's own table: from its device header line to the files it wrote
     sed -n '/^\(cuda\|cpu\): /,/^wrote /p' "$BENCH_LOG" | grep -v '^wrote ' || tail -5 "$BENCH_LOG"
-    grep -E '^ *[A-Za-z0-9_=.-]+ (monarch|sltrain) ' "$BENCH_LOG" | sed 's/^/A\/B /' || true
+    grep -E '^ *[A-Za-z0-9_=.,-]+ (monarch|sltrain) ' "$BENCH_LOG" | sed 's/^/A\/B /' || true
     echo "logs and results: $OUTDIR"
 } | tee "$OUTDIR/summary.txt"
 for s in "${STATUS[@]}"; do [ "$s" = FAIL ] && exit 1; done

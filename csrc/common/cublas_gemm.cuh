@@ -6,7 +6,7 @@
 // Why: the hand-written mma.sync GEMM of strided_gemm.cuh reached 140-210 TFLOP/s on an H200 (first GPU
 // run, bench/results/h200-2026-11-27-run1), a quarter of cuBLAS's wgmma kernels. The op files lay out
 // their intermediates so that the big GEMMs have unit-stride operands and come here; strided_gemm.cuh
-// stays the path for permuted (non-unit) addressing and is used everywhere when LOWRANK_CUBLAS=0.
+// stays the path for permuted (non-unit) addressing, and the only path unless LOWRANK_CUBLAS=1.
 //
 // One handle per (thread, device), with its own 32 MiB workspace (so calls never allocate: safe under
 // CUDA graph capture), bound to torch's current stream at every call.
@@ -26,11 +26,13 @@
 namespace lowrank {
 namespace cublas_gemm {
 
-// LOWRANK_CUBLAS=0 turns the cuBLAS back end off (everything then runs on strided_gemm.cuh).
+// LOWRANK_CUBLAS=1 turns the cuBLAS back end on. It is OFF by default until it has run on a GPU: the
+// hand-written path is the one the first GPU run verified (431 CUDA tests, compute-sanitizer); this one
+// was written after that run and has only been compiled. bench/gpu_check.sh tests and times both.
 inline bool enabled() {
   static const bool on = [] {
     const char* v = std::getenv("LOWRANK_CUBLAS");
-    return !(v != nullptr && (std::strcmp(v, "0") == 0 || std::strcmp(v, "off") == 0));
+    return v != nullptr && (std::strcmp(v, "1") == 0 || std::strcmp(v, "on") == 0);
   }();
   return on;
 }

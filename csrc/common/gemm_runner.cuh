@@ -1,6 +1,6 @@
 // Host-side glue shared by the CUDA op files: error checks, the current stream, and GemmRunner, which runs
-// one strided batched GEMM on torch's stream: on cuBLAS (common/cublas_gemm.cuh) when every operand has a
-// unit stride in one dimension and LOWRANK_CUBLAS is not 0, else on common/strided_gemm.cuh (any strides,
+// one strided batched GEMM on torch's stream: on cuBLAS (common/cublas_gemm.cuh) when LOWRANK_CUBLAS=1 and
+// every operand has a unit stride in one dimension, else on common/strided_gemm.cuh (any strides,
 // permuted epilogues) with torch-allocated split-K workspace. Everything is inline: each .cu file includes it.
 #pragma once
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>

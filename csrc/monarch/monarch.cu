@@ -36,7 +36,8 @@
 //    dy[b, a·l + c] = dz[b, c, a]; gu is a (B, l, s) contiguous copy of g: gu[b, c, d] = g[b, d·l + c].)
 //   "perm(l,q,r) rs N": C(i, b, j) -> mid[b·N + (u mod l)·r + u div l], u = i·q + j.
 //
-// cuBLAS layouts (the default; LOWRANK_CUBLAS=0 keeps everything on the kernels above). The first GPU run
+// cuBLAS layouts (opt-in with LOWRANK_CUBLAS=1 until they have run on a GPU; by default everything stays on
+// the kernels above, the path the first GPU run verified). The first GPU run
 // measured the mma.sync GEMM at a quarter of cuBLAS, so the big GEMMs are laid out with unit-stride
 // operands and run on cuBLAS (common/cublas_gemm.cuh); what no stride can express is one transpose pass
 // (common/transpose.cuh):
@@ -248,8 +249,13 @@ std::tuple<Tensor, Tensor, Tensor> monarch_matmul_backward_cuda(Tensor grad_out,
 
   // gu[b, c, d] = g[b, d·l + c], one contiguous copy so that G1 and G2 load it with 16-byte cp.async
   // instead of a stride-l scalar gather on the backward's two big reads.
-  const Tensor gu = torch::stable::new_empty(xc, {d.batch, d.out});
-  transpose_last2(op, g, gu, d.batch, d.s, d.l);
+  Tensor gu = g;
+  if (cublas_gemm::enabled()) {
+    gu = torch::stable::new_empty(xc, {d.batch, d.out});
+    transpose_last2(op, g, gu, d.batch, d.s, d.l);
+  } else {
+    gu = torch::stable::contiguous(torch::stable::transpose(torch::stable::view(g, {d.batch, d.s, d.l}), 1, 2));
+  }
   // G1: dy[b, a·l + c] = Σ_d gu[b, c, d] · w2[c, d, a]   (dy natural (B, N), input dtype)
   const Tensor dy = torch::stable::new_empty(xc, {d.batch, d.mid});
   if (cublas_gemm::enabled()) {  // dz (B, l, r) on cuBLAS, then one transpose to dy
