@@ -1,4 +1,7 @@
-"""Small, odd-shaped forward + backward of monarch_matmul and sltrain_linear, checked against float64 references.
+"""Small, odd-shaped calls of every lowrank op on the device, checked against references.
+
+monarch_matmul and sltrain_linear (forward + backward) are checked against float64 references; the
+iFairy and projection ops against the CPU kernels (which the test suite checks against float64).
 
 Meant to run under ``compute-sanitizer --tool memcheck``: the shapes are tiny (instrumented kernels
 are slow) and deliberately not multiples of any tile, so out-of-bounds accesses at tile edges show up.
@@ -80,6 +83,69 @@ def check_sltrain(x_shape, n_out, rank, nnz, with_bias, index_dtype, dtype, devi
     return [rel_err(out, ref)] + [rel_err(g, r) if r.numel() else 0.0 for g, r in zip(grads, ref_grads)]
 
 
+def cpu_vs_device(name, fn, args, device, tol) -> tuple[bool, str]:
+    """Run fn on device and on the CPU (whose kernels the test suite checks against float64 references):
+    the largest relative difference over all outputs, and whether it is within tol."""
+    to = lambda a, dev: a.to(dev) if isinstance(a, torch.Tensor) else a  # noqa: E731
+    got = fn(*[to(a, device) for a in args])
+    want = fn(*[to(a, "cpu") for a in args])
+    if device == "cuda":
+        torch.cuda.synchronize()
+    got = got if isinstance(got, (tuple, list)) else (got,)
+    want = want if isinstance(want, (tuple, list)) else (want,)
+    errs = [rel_err(g.float(), w.double()) if w.numel() else 0.0 for g, w in zip(got, want)
+            if isinstance(w, torch.Tensor)]
+    worst = max(errs) if errs else 0.0
+    return worst <= tol, f"{name} max rel diff vs CPU {worst:.1e} (tol {tol:.0e})"
+
+
+def ifairy_and_projection_cases(device):
+    """(name, fn, args, tol) of the iFairy and projection ops on small, tile-unfriendly shapes."""
+    cases = []
+    for out_f, in_f in ((7, 5), (33, 130), (65, 1537)):
+        wr, wi = torch.randn(out_f, in_f), torch.randn(out_f, in_f)
+        packed, scales = lowrank.ifairy_quantize(wr, wi)
+        cases.append((f"ifairy_quantize {out_f}x{in_f}", lowrank.ifairy_quantize, (wr, wi), 1e-6))
+        cases.append((f"ifairy_dequantize {out_f}x{in_f}", lambda p, s, n=in_f: lowrank.ifairy_dequantize(p, s, n),
+                      (packed, scales), 1e-6))
+        for tokens in (1, 3, 17, 70):
+            xr, xi = torch.randn(tokens, in_f), torch.randn(tokens, in_f)
+            for act_quant, dt, tol in ((True, torch.float32, 1e-5), (False, torch.float32, 1e-5),
+                                       (False, torch.bfloat16, 2e-2)):
+                cases.append((f"ifairy_linear {tokens}x{in_f}->{out_f} act_quant={act_quant} {str(dt)[6:]}",
+                              lambda a, b, p, s, q=act_quant: lowrank.ifairy_linear(a, b, p, s, act_quant=q),
+                              (xr.to(dt), xi.to(dt), packed, scales), tol))
+    for m, n, r in ((37, 21, 5), (20, 45, 7), (130, 129, 16)):
+        for dt, tol in ((torch.float32, 1e-5), (torch.bfloat16, 2e-2)):
+            G = torch.randn(m, n).to(dt)
+            left = m < n
+            basis = torch.linalg.qr(torch.randn(m if left else n, r)).Q  # orthonormal columns
+            P = basis if left else basis.T.contiguous()  # left: (m, r); right: (r, n)
+            cases.append((f"galore_project {m}x{n} r={r} {str(dt)[6:]}",
+                          lambda g, p, lf=left: lowrank.galore_project(g, p, lf, True), (G, P), tol))
+            W = torch.randn(m, n).to(dt)
+            Mx = torch.randn(*((r, n) if left else (m, r)))
+            rs = torch.rand(n if left else m)
+
+            def update(w, mm, p, g, s, lf=left):
+                w = w.clone()
+                lowrank.galore_update_(w, mm, p, lf, 0.99, g, s)
+                return w
+            cases.append((f"galore_update_ {m}x{n} r={r} {str(dt)[6:]}", update, (W, Mx, P, G, rs), tol))
+        R = torch.randn(m, r)
+
+        def adam(m_, v_, r_):
+            m_, v_ = m_.clone(), v_.clone()
+            nrm = lowrank.adam_lowrank_(m_, v_, r_, 0.9, 0.999, 1e-6)
+            return m_, v_, nrm
+        cases.append((f"adam_lowrank_ {m}x{r}", adam, (torch.randn(m, r), torch.rand(m, r), R), 1e-5))
+        Q = lowrank.dct_basis(min(m, n))
+        cases.append((f"basis_scores {m}x{n}", lambda g, q, lf=(m < n): lowrank.basis_scores(g, q, lf),
+                      (torch.randn(m, n), Q), 1e-4))
+    cases.append(("dct_basis 97", lambda t: lowrank.dct_basis(97, device=t.device), (torch.empty(0),), 1e-5))
+    return cases
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
@@ -108,6 +174,13 @@ def main() -> int:
                 failures += not ok
                 print(f"{'ok  ' if ok else 'FAIL'} {what} err out/dx/dA/dB/dvalues{'/dbias' if with_bias else ''} "
                       f"= {' '.join(f'{e:.1e}' for e in errs)} (tol {tol:.0e})")
+    for name, fn, args, tol in ifairy_and_projection_cases(device):
+        try:
+            ok, what = cpu_vs_device(name, fn, args, device, tol)
+        except Exception as e:  # noqa: BLE001
+            ok, what = False, f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
+        failures += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} {what}")
     print(f"{failures} failure(s)")
     return 1 if failures else 0
 
