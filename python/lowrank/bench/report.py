@@ -21,14 +21,17 @@ COLUMNS = [
     ("mode", "mode", "{}"), ("ours_ms", "ours ms", "{:.4g}"), ("dense_ms", "dense ms", "{:.4g}"),
     ("bmm_ms", "bmm ms", "{:.4g}"), ("official_ms", "official ms", "{:.4g}"), ("tflops", "TFLOP/s", "{:.3g}"),
     ("gbps", "GB/s", "{:.4g}"), ("vs_dense", "vs dense", "{:.2f}x"), ("vs_bmm", "vs bmm", "{:.2f}x"),
-    ("vs_official", "vs official", "{:.2f}x"), ("roofline_pct", "% roof", "{:.0f}"),
+    ("vs_official", "vs official", "{:.2f}x"), ("compiled_ms", "compiled ms", "{:.4g}"),
+    ("vs_compiled", "vs compiled", "{:.2f}x"), ("vs_best", "vs best", "{:.2f}x"),
+    ("randomized_ms", "svd_lowrank ms", "{:.4g}"), ("dct_basis_ms", "basis ms", "{:.4g}"),
+    ("roofline_pct", "% roof", "{:.0f}"), ("floor3_pct", "% floor3", "{:.0f}"),
     ("bound", "bound", "{}"), ("ours_mb", "ours MiB", "{:.0f}"), ("dense_mb", "dense MiB", "{:.0f}"),
-    ("bmm_mb", "bmm MiB", "{:.0f}"), ("official_mb", "official MiB", "{:.0f}"),
+    ("bmm_mb", "bmm MiB", "{:.0f}"), ("official_mb", "official MiB", "{:.0f}"), ("compiled_mb", "compiled MiB", "{:.0f}"),
     ("max_err", "max err", "{:.1e}"), ("bmm_err", "bmm err", "{:.1e}"), ("official_err", "official err", "{:.1e}"),
     ("ok", "check", "{}"),
 ]
 # speedup columns plotted, each a bar per row that has it
-SPEEDUPS = [("vs_dense", "vs dense"), ("vs_bmm", "vs bmm"), ("vs_official", "vs official")]
+SPEEDUPS = [("vs_dense", "vs dense"), ("vs_bmm", "vs bmm"), ("vs_official", "vs official"), ("vs_compiled", "vs compiled")]
 
 
 def _run(cmd: list[str]) -> str | None:
@@ -87,23 +90,38 @@ def _table(rows: list[dict]) -> tuple[list[str], list[list[str]]]:
     return [h for _, h, _ in cols], [[_cell(r, k, f) for k, _, f in cols] for r in rows]
 
 
+def _by_family(rows: list[dict]) -> list[list[dict]]:
+    """Rows grouped by family, in order of first appearance: one table each, with its own columns."""
+    groups: dict[str, list[dict]] = {}
+    for r in rows:
+        groups.setdefault(r.get("family", ""), []).append(r)
+    return list(groups.values())
+
+
 def format_table(rows: list[dict]) -> str:
-    headers, cells = _table(rows)
-    widths = [max(len(x) for x in col) for col in zip(headers, *cells)]
-    lines = ["  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in [headers, *cells]]
-    lines.insert(1, "  ".join("-" * w for w in widths))
-    lines += [f"error in {r['shape']} {r['mode']}: {r['error']}" for r in rows if r.get("error")]
-    return "\n".join(lines)
+    blocks = []
+    for group in _by_family(rows):
+        headers, cells = _table(group)
+        widths = [max(len(x) for x in col) for col in zip(headers, *cells)]
+        lines = ["  ".join(x.rjust(w) for x, w in zip(line, widths)) for line in [headers, *cells]]
+        lines.insert(1, "  ".join("-" * w for w in widths))
+        lines += [f"error in {r['shape']} {r['mode']}: {r['error']}" for r in group if r.get("error")]
+        blocks.append("\n".join(lines))
+    return "\n\n".join(blocks)
 
 
 def format_markdown(meta: dict, notes: dict, rows: list[dict]) -> str:
-    headers, cells = _table(rows)
     out = [f"# lowrank benchmark: {meta['device']}", ""]
     out += [f"- **{k}**: {'n/a' if v is None else v}" for k, v in meta.items()] + [""]
-    out += [f"{family}: {' '.join(doc.split())}\n" for family, doc in notes.items()]
-    out += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
-    out += ["| " + " | ".join(line) + " |" for line in cells]
-    out += [f"\nerror in {r['shape']} {r['mode']}: `{r['error']}`" for r in rows if r.get("error")]
+    for group in _by_family(rows):
+        family = group[0].get("family", "")
+        headers, cells = _table(group)
+        doc = notes.get(family)
+        out += [f"## {family}", ""] + ([" ".join(doc.split()), ""] if doc else [])
+        out += ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)]
+        out += ["| " + " | ".join(line) + " |" for line in cells]
+        out += [f"\nerror in {r['shape']} {r['mode']}: `{r['error']}`" for r in group if r.get("error")]
+        out.append("")
     return "\n".join(out) + "\n"
 
 
