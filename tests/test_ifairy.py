@@ -646,6 +646,15 @@ def test_cuda_mixed_devices_in_quantize_and_dequantize():
         lowrank.ifairy_dequantize(packed, scales.cpu(), 8)
 
 
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and lowrank's CUDA kernels")
+def test_cuda_rejects_float64():
+    """float64 is a CPU-only dtype of these ops."""
+    p = _valid("cuda", torch.float64)
+    with pytest.raises(BAD_INPUT_ERRORS, match="x_|dtype|float"):
+        _call_linear(p)
+
+
 def test_ifairy_ops_are_registered_for_cpu_and_cuda():
     """A real kernel on each backend, or (CUDA without the CUDA library) the stub explaining why."""
     for name in ("ifairy_quantize", "ifairy_dequantize", "ifairy_linear"):
