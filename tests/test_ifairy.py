@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 import lowrank
 from lowrank.nn import IFairyBlock, IFairyConfig, IFairyLinear
-from lowrank.reference import (ifairy_codes_to_weights, ifairy_dequantize_reference, ifairy_linear_reference,
+from lowrank.reference import (ifairy_dequantize_reference, ifairy_linear_reference,
                                ifairy_pack_codes, ifairy_quantize_activations_reference, ifairy_quantize_reference,
                                ifairy_unpack_codes)
 
@@ -834,8 +834,8 @@ def block_complex128(block: IFairyBlock, x: torch.Tensor) -> torch.Tensor:
     att, mlp, cfg = block.self_attn, block.mlp, block.config
     b, t, h = x.shape
     d = h // cfg.num_heads
-    rot = torch.polar(torch.ones(t, d, dtype=torch.float64),
-                      torch.arange(t, dtype=torch.float64)[:, None] * cfg.rope_theta ** (-torch.arange(d, dtype=torch.float64) / d))
+    inv_freq = cfg.rope_theta ** (-torch.arange(d, dtype=torch.float64) / d)
+    rot = torch.polar(torch.ones(t, d, dtype=torch.float64), torch.arange(t, dtype=torch.float64)[:, None] * inv_freq)
     hn = norm(block.input_layernorm, x)
     q, k, v = (lin(p, hn).view(b, t, cfg.num_heads, d).transpose(1, 2) for p in (att.q_proj, att.k_proj, att.v_proj))
     q, k = q * rot, k * rot
