@@ -280,6 +280,20 @@ def test_phasequant_random_matches_reference(device, dtype, out, fin):
     torch.testing.assert_close(scales.cpu(), ref_scales, rtol=1e-5, atol=0)
 
 
+@pytest.mark.parametrize("device,dtype", DEVICE_DTYPES, ids=_id)
+def test_phasequant_exact_boundaries(device, dtype):
+    """A third of the weights sit exactly on a sector boundary (|wr| = |wi|, every sign combination): the
+    half-open sectors decide, not an atan2 rounded near π/4."""
+    wr = torch.randn(40, 60).to(dtype)
+    wi = torch.randn(40, 60).to(dtype)
+    on_boundary = torch.rand(40, 60) < 0.33
+    wi[on_boundary] = wr[on_boundary] * (2 * torch.randint(0, 2, (int(on_boundary.sum()),)) - 1).to(dtype)
+    packed, scales = lowrank.ifairy_quantize(wr.to(device), wi.to(device))
+    ref_packed, ref_scales = ifairy_quantize_reference(wr, wi)
+    assert torch.equal(ifairy_unpack_codes(packed.cpu(), 60), ifairy_unpack_codes(ref_packed, 60))
+    torch.testing.assert_close(scales.cpu(), ref_scales, rtol=1e-5, atol=0)
+
+
 @pytest.mark.parametrize("device", devices)
 def test_phasequant_scale_clamps(device):
     """Scales clamp to 1e-5: no weight on an axis (mean over nothing), and weights far below 1e-5."""
@@ -453,6 +467,23 @@ def test_token_counts(device, tokens, act_quant):
     # every token is computed alone: the first token's output does not depend on how many follow
     first = lowrank.ifairy_linear(xr[:1], xi[:1], packed, scales, act_quant)
     assert_pair_close("first token alone", tuple(p[:1] for p in y), tuple(p.cpu().double() for p in first), rel=1e-6)
+
+
+@pytest.mark.parametrize("act_quant", [True, False], ids=["W2A8", "W2Afloat"])
+def test_cpu_result_does_not_depend_on_thread_count(act_quant):
+    _, packed, scales = make_layer(67, 300, "cpu")
+    xr, xi = make_x((9,), 300)
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = lowrank.ifairy_linear(xr, xi, packed, scales, act_quant)
+        q_one = lowrank.ifairy_quantize(xr, xi)
+        torch.set_num_threads(max(threads, 3))
+        many = lowrank.ifairy_linear(xr, xi, packed, scales, act_quant)
+        q_many = lowrank.ifairy_quantize(xr, xi)
+    finally:
+        torch.set_num_threads(threads)
+    assert all(torch.equal(a, b) for a, b in zip(one + q_one, many + q_many))
 
 
 @pytest.mark.parametrize("act_quant", [True, False], ids=["W2A8", "W2Afloat"])
