@@ -1,28 +1,31 @@
 // CUDA kernels of the iFairy ops: ifairy_quantize, ifairy_dequantize, ifairy_linear.
 //
-// ifairy_linear, act_quant (W2A8):
-//   1. act_quant_kernel: one block per (token, part) finds max|x| and writes int8 q (round half to even) into
-//      a scratch q (T, 2, in_pad), in_pad = ceil(in/64)·64, zero padded, and a (T, 2) = [a_r, a_i].
-//      Within every 16-element group the order is permuted, q'[4k + j] = q[4j + k], to match the decode
-//      below (a permutation of K applied to both operands leaves every dot product unchanged).
-//   2a. T <= 16, gemv_w2a8_kernel: one warp per output row, each lane streams 16-byte chunks (64 weights)
-//      of the packed row. A 32-bit packed word holds 16 weights; for k = 0..3 one shift moves the bits of
-//      elements 4j+k to bit 7 of byte j, PRMT's sign-replicate mode turns them into byte masks and one LOP3
-//      builds a word of four int8 weights in {-1, 0, +1} for each axis (no lookup table). __dp4a adds
-//      every token's int8 activations into int32: all tokens are served by one read of the weights.
-//   2b. T > 16, prefill_w2a8_kernel: int8 tensor cores, mma.sync m16n8k32 s8·s8 -> s32 (exact). A block
-//      owns 64 tokens x 64 rows; per 64-wide K step it copies the q tiles to shared memory and decodes
-//      the packed tile into two int8 planes (Wre, Wim in {-1, 0, 1}) there. Four products per fragment:
-//      A = q_r·Wre, B = q_i·Wim, C = q_i·Wre, D = q_r·Wim.
+// ifairy_linear, act_quant (W2A8). Activations: per token and part, a = 127 / max(max|x|, 1e-5) and int8
+// q = round_half_even(x·a) (ifairy_common.h), stored with a permutation inside every 16-element group,
+// q'[4k + j] = q[4j + k], that matches the weight decode below (a permutation of K applied to both operands
+// leaves every dot product unchanged). in_pad = ceil(in/64)·64, zero padded.
+//   Weight decode: a 32-bit packed word holds 16 weights (byte j: elements 4j..4j+3). For slot k one shift
+//   moves the bits of elements 4j+k to bit 7 of byte j, PRMT's sign-replicate mode turns them into byte
+//   masks and one LOP3 builds a word of four int8 weights in {-1, 0, +1} per axis: no lookup table.
+//   T <= 16, gemv_w2a8_kernel (decode, memory/latency bound): one warp per output row; lane l reads packed
+//     words l, l+32, ... (128 coalesced bytes a warp step) and __dp4a adds every token's int8 activations
+//     into int32, so all tokens are served by one read of the weights. For T <= 4 (and 2·T·in_pad <= 48 KiB)
+//     each block quantizes the tokens into shared memory itself: one launch, no scratch. Otherwise
+//     act_quant_kernel (one block per token and part) writes q and a to a scratch first.
+//   T > 16, prefill_w2a8_kernel: int8 tensor cores, mma.sync m16n8k32 s8·s8 -> s32 (exact). A block owns
+//     64 tokens x 64 rows; per 64-wide K step it stores the q tiles and the packed tile decoded into two
+//     int8 planes (Wre, Wim in {-1, 0, 1}) in shared memory, while the next step's global loads are in
+//     flight in registers. Four products per fragment: A = q_r·Wre, B = q_i·Wim, C = q_i·Wre, D = q_r·Wim.
 //   Both end with y_re = s_re·A/a_r + s_im·B/a_i, y_im = -s_re·C/a_i + s_im·D/a_r in fp32.
 // act_quant=false: linear_float_kernel, one warp per row and up to 8 tokens a pass, fp32 adds and
 //   subtracts of the activations by code, lanes reduced with a fixed shuffle tree (deterministic).
 // ifairy_quantize: one block per row computes codes, packs them and writes per-row sums (double) and
 //   counts; one block then sums the rows in a fixed order: deterministic scales.
 //
-// Packed rows of any width are read safely: 16-byte loads when every row is 16-byte aligned, otherwise
-// aligned 4-byte loads + funnel shifts, and byte loads near the end of the tensor; never past its last byte.
-// Bytes past a row's end (the next row's codes) meet zero activations. Offsets are 64-bit.
+// Packed rows of any width are read safely: rows may start at any byte (in % 16 != 0), so unaligned words are
+// funnel-shifted from two aligned 4-byte loads, and bytes near the end of the tensor are loaded one by one;
+// nothing past its last byte is read. Bytes past a row's end (the next row's codes) meet zero activations.
+// Offsets are 64-bit. Results are deterministic (integer sums; fixed reduction orders).
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/accelerator.h>
 #include <torch/csrc/stable/library.h>
@@ -111,32 +114,29 @@ __device__ __forceinline__ void decode_slot(uint32_t w, uint32_t& re, uint32_t& 
   im = sgn & axis;
 }
 
-// 16 bytes of a packed row starting at byte `off` (a multiple of 16) of row r; bytes past the tensor are 0.
+// Packed bytes 4w..4w+3 of row r as one little-endian word; bytes past the tensor read as 0. Rows may start at
+// any byte (nbytes need not be a multiple of 4), so unaligned words are funnel-shifted from two aligned ones.
 struct PackedView {
   const uint8_t* base;
   int64_t nbytes, total;  // row width, whole tensor in bytes
-  bool rows16;            // base 16-byte aligned and nbytes % 16 == 0
   bool base4;             // base 4-byte aligned (else bytes are loaded one by one)
 };
 
-__device__ __forceinline__ uint4 load_chunk(const PackedView& v, int64_t r, int64_t off) {
-  const int64_t abs = r * v.nbytes + off;
-  if (v.rows16) return __ldg(reinterpret_cast<const uint4*>(v.base + abs));
-  uint32_t w[5];
-  const int64_t a4 = abs & ~int64_t(3);
-  if (v.base4 && a4 + 20 <= v.total) {
-    const uint32_t* p = reinterpret_cast<const uint32_t*>(v.base + a4);
-#pragma unroll
-    for (int i = 0; i < 5; ++i) w[i] = __ldg(p + i);
-    const uint32_t sh = static_cast<uint32_t>(abs & 3) * 8u;
-    return make_uint4(__funnelshift_r(w[0], w[1], sh), __funnelshift_r(w[1], w[2], sh),
-                      __funnelshift_r(w[2], w[3], sh), __funnelshift_r(w[3], w[4], sh));
+__device__ __forceinline__ uint32_t load_word(const PackedView& v, int64_t r, int64_t w) {
+  const int64_t abs = r * v.nbytes + 4 * w;
+  if (v.base4) {
+    const int64_t a4 = abs & ~int64_t(3);
+    if ((abs & 3) == 0 && abs + 4 <= v.total) return __ldg(reinterpret_cast<const uint32_t*>(v.base + abs));
+    if (a4 + 8 <= v.total) {
+      const uint32_t* p = reinterpret_cast<const uint32_t*>(v.base + a4);
+      return __funnelshift_r(__ldg(p), __ldg(p + 1), static_cast<uint32_t>(abs & 3) * 8u);
+    }
   }
-  uint32_t o[4] = {0u, 0u, 0u, 0u};
+  uint32_t o = 0;
 #pragma unroll
-  for (int i = 0; i < 16; ++i)
-    if (abs + i < v.total) o[i >> 2] |= static_cast<uint32_t>(__ldg(v.base + abs + i)) << (8 * (i & 3));
-  return make_uint4(o[0], o[1], o[2], o[3]);
+  for (int i = 0; i < 4; ++i)
+    if (abs + i < v.total) o |= static_cast<uint32_t>(__ldg(v.base + abs + i)) << (8 * i);
+  return o;
 }
 
 // ----------------------------------------------------------------------------------- activations
@@ -182,37 +182,84 @@ __device__ __forceinline__ void store_output(T* yr, T* yi, int64_t idx, float s_
 
 // ------------------------------------------------------------------------------ decode (T <= 16)
 constexpr int kGemvWarps = 8;
+constexpr int kFusedMaxTokens = 4;
+constexpr int64_t kFusedSmemBytes = 48 * 1024;
 
-template <int NT, typename T>
-__global__ void __launch_bounds__(kGemvWarps * 32) gemv_w2a8_kernel(PackedView pv, int64_t out, int T_,
-                                                                    const int8_t* __restrict__ q, int64_t in_pad,
-                                                                    const float* __restrict__ a,
+// Rows r = blockIdx.x·8 + warp, stepping by gridDim.x·8. Lane l takes packed words l, l+32, ... of the row
+// (128 coalesced bytes a warp step) and, per token, the 16 matching permuted int8 activations of each part.
+// FUSED (T <= 4, small in): the block first quantizes every token into shared memory itself (one launch, no
+// global scratch); otherwise q and a come from act_quant_kernel.
+template <int NT, bool FUSED, typename T>
+__global__ void __launch_bounds__(kGemvWarps * 32) gemv_w2a8_kernel(PackedView pv, int64_t out, int T_, const T* xr,
+                                                                    const T* xi, int64_t in, const int8_t* q_global,
+                                                                    int64_t in_pad, const float* a_global,
                                                                     const float* __restrict__ scales, T* yr, T* yi) {
-  const int lane = threadIdx.x & 31;
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * kGemvWarps + (threadIdx.x >> 5);
-  if (r >= out) return;
-  int32_t acc[NT][4];
+  extern __shared__ __align__(16) int8_t q_smem[];  // FUSED: (T, 2, in_pad) int8
+  __shared__ float a_smem[2 * NT];
+  __shared__ float red[2 * NT][kGemvWarps];
+  const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
+  const int8_t* q = q_global;
+  const float* a = a_global;
+  if constexpr (FUSED) {
+    float mx[2 * NT];
 #pragma unroll
-  for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0;
-  const int64_t chunks = (pv.nbytes + 15) / 16;
-  for (int64_t c = lane; c < chunks; c += 32) {
-    const uint4 wv = load_chunk(pv, r, c * 16);
-    const uint32_t words[4] = {wv.x, wv.y, wv.z, wv.w};
+    for (int v = 0; v < 2 * NT; ++v) {
+      mx[v] = 0.f;
+      if (v < 2 * T_) {
+        const T* x = ((v & 1) ? xi : xr) + static_cast<int64_t>(v >> 1) * in;
+        for (int64_t j = threadIdx.x; j < in; j += blockDim.x) mx[v] = fmaxf(mx[v], fabsf(to_f(x[j])));
+      }
 #pragma unroll
-    for (int wi = 0; wi < 4; ++wi) {
+      for (int o = 16; o > 0; o >>= 1) mx[v] = fmaxf(mx[v], __shfl_xor_sync(0xffffffffu, mx[v], o));
+      if (lane == 0) red[v][warp] = mx[v];
+    }
+    __syncthreads();
+    if (threadIdx.x < 2 * NT) {
+      float m = 0.f;
+#pragma unroll
+      for (int k = 0; k < kGemvWarps; ++k) m = fmaxf(m, red[threadIdx.x][k]);
+      a_smem[threadIdx.x] = act_scale(m);
+    }
+    __syncthreads();
+    for (int v = 0; v < 2 * T_; ++v) {
+      const T* x = ((v & 1) ? xi : xr) + static_cast<int64_t>(v >> 1) * in;
+      const float av = a_smem[v];
+      for (int64_t p = threadIdx.x; p < in_pad; p += blockDim.x) {
+        const int64_t src = (p & ~int64_t(15)) + 4 * (p & 3) + ((p >> 2) & 3);  // see act_quant_kernel
+        q_smem[v * in_pad + p] = src < in ? static_cast<int8_t>(act_quant(to_f(x[src]), av)) : int8_t(0);
+      }
+    }
+    __syncthreads();
+    q = q_smem;
+    a = a_smem;
+  }
+  const int64_t words = (pv.nbytes + 3) / 4;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kGemvWarps + warp; r < out;
+       r += static_cast<int64_t>(gridDim.x) * kGemvWarps) {
+    int32_t acc[NT][4];
+#pragma unroll
+    for (int t = 0; t < NT; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0;
+#pragma unroll 4
+    for (int64_t w = lane; w < words; w += 32) {
+      const uint32_t pw = load_word(pv, r, w);
       uint32_t re[4], im[4];
-      decode_slot<0>(words[wi], re[0], im[0]);
-      decode_slot<1>(words[wi], re[1], im[1]);
-      decode_slot<2>(words[wi], re[2], im[2]);
-      decode_slot<3>(words[wi], re[3], im[3]);
-      const int64_t e = c * 64 + wi * 16;
+      decode_slot<0>(pw, re[0], im[0]);
+      decode_slot<1>(pw, re[1], im[1]);
+      decode_slot<2>(pw, re[2], im[2]);
+      decode_slot<3>(pw, re[3], im[3]);
 #pragma unroll
       for (int t = 0; t < NT; ++t) {
         if (t < T_) {
-          const int8_t* qt = q + static_cast<int64_t>(t) * 2 * in_pad + e;
-          const int4 xr = __ldg(reinterpret_cast<const int4*>(qt));
-          const int4 xi = __ldg(reinterpret_cast<const int4*>(qt + in_pad));
-          const int xrs[4] = {xr.x, xr.y, xr.z, xr.w}, xis[4] = {xi.x, xi.y, xi.z, xi.w};
+          const int8_t* qt = q + static_cast<int64_t>(t) * 2 * in_pad + w * 16;
+          int4 vr, vi;
+          if constexpr (FUSED) {
+            vr = *reinterpret_cast<const int4*>(qt);
+            vi = *reinterpret_cast<const int4*>(qt + in_pad);
+          } else {
+            vr = __ldg(reinterpret_cast<const int4*>(qt));
+            vi = __ldg(reinterpret_cast<const int4*>(qt + in_pad));
+          }
+          const int xrs[4] = {vr.x, vr.y, vr.z, vr.w}, xis[4] = {vi.x, vi.y, vi.z, vi.w};
 #pragma unroll
           for (int k = 0; k < 4; ++k) {
             acc[t][0] = __dp4a(static_cast<int>(re[k]), xrs[k], acc[t][0]);  // A
@@ -223,20 +270,20 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_w2a8_kernel(PackedView p
         }
       }
     }
-  }
-#pragma unroll
-  for (int t = 0; t < NT; ++t)
-#pragma unroll
-    for (int k = 0; k < 4; ++k)
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) acc[t][k] += __shfl_xor_sync(0xffffffffu, acc[t][k], o);
-  if (lane == 0) {
-    const float s_re = scales[0], s_im = scales[1];
 #pragma unroll
     for (int t = 0; t < NT; ++t)
-      if (t < T_)
-        store_output(yr, yi, static_cast<int64_t>(t) * out + r, s_re, s_im, a[2 * t], a[2 * t + 1], acc[t][0],
-                     acc[t][1], acc[t][2], acc[t][3]);
+#pragma unroll
+      for (int k = 0; k < 4; ++k)
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) acc[t][k] += __shfl_xor_sync(0xffffffffu, acc[t][k], o);
+    if (lane == 0) {
+      const float s_re = scales[0], s_im = scales[1];
+#pragma unroll
+      for (int t = 0; t < NT; ++t)
+        if (t < T_)
+          store_output(yr, yi, static_cast<int64_t>(t) * out + r, s_re, s_im, a[2 * t], a[2 * t + 1], acc[t][0],
+                       acc[t][1], acc[t][2], acc[t][3]);
+    }
   }
 }
 
@@ -270,38 +317,42 @@ __global__ void __launch_bounds__(256) prefill_w2a8_kernel(PackedView pv, int64_
 #pragma unroll
       for (int s = 0; s < 4; ++s) acc[i][j][s][0] = acc[i][j][s][1] = acc[i][j][s][2] = acc[i][j][s][3] = 0;
 
-  for (int64_t k0 = 0; k0 < in_pad; k0 += kPBK) {
-    // activations: 2 parts x 64 tokens x 4 x 16 bytes
+  // Global loads of the next K step are issued into registers before the current step's MMAs (a register
+  // double buffer), then decoded and stored to shared memory after them.
+  int4 qv[2];      // this thread's two 16-byte pieces of the activation tiles
+  uint32_t pw;     // this thread's packed word (16 weights)
+  const int wrow = tid >> 2, wd = tid & 3;
+  auto load_step = [&](int64_t k0) {
 #pragma unroll
     for (int it = 0; it < 2; ++it) {
       const int i = tid + it * 256;
       const int part = i >> 8, row = (i >> 2) & 63, c16 = i & 3;
       const int64_t t = m0 + row;
-      int4 v = make_int4(0, 0, 0, 0);
-      if (t < Tn) v = __ldg(reinterpret_cast<const int4*>(q + (t * 2 + part) * in_pad + k0 + c16 * 16));
-      *reinterpret_cast<int4*>(&sQ[part][row * kPStride + c16 * 16]) = v;
+      qv[it] = t < Tn ? __ldg(reinterpret_cast<const int4*>(q + (t * 2 + part) * in_pad + k0 + c16 * 16))
+                      : make_int4(0, 0, 0, 0);
     }
-    // weights: 64 rows x 4 packed words (16 weights each), one word a thread, decoded to both planes
-    {
-      const int row = tid >> 2, wd = tid & 3;
-      const int64_t r = n0 + row;
-      const int64_t boff = k0 / 4 + wd * 4;  // byte offset in the row
-      uint32_t w = 0;
-      if (r < out) {
-        const int64_t abs = r * pv.nbytes + boff;
+    const int64_t r = n0 + wrow;
+    pw = r < out ? load_word(pv, r, k0 / 16 + wd) : 0u;  // bytes past the row meet zero activations
+  };
+  load_step(0);
+  for (int64_t k0 = 0; k0 < in_pad; k0 += kPBK) {
 #pragma unroll
-        for (int i = 0; i < 4; ++i)
-          if (boff + i < pv.nbytes) w |= static_cast<uint32_t>(__ldg(pv.base + abs + i)) << (8 * i);
-      }
+    for (int it = 0; it < 2; ++it) {
+      const int i = tid + it * 256;
+      const int part = i >> 8, row = (i >> 2) & 63, c16 = i & 3;
+      *reinterpret_cast<int4*>(&sQ[part][row * kPStride + c16 * 16]) = qv[it];
+    }
+    {
       uint4 re, im;
-      decode_slot<0>(w, re.x, im.x);
-      decode_slot<1>(w, re.y, im.y);
-      decode_slot<2>(w, re.z, im.z);
-      decode_slot<3>(w, re.w, im.w);
-      *reinterpret_cast<uint4*>(&sW[0][row * kPStride + wd * 16]) = re;
-      *reinterpret_cast<uint4*>(&sW[1][row * kPStride + wd * 16]) = im;
+      decode_slot<0>(pw, re.x, im.x);
+      decode_slot<1>(pw, re.y, im.y);
+      decode_slot<2>(pw, re.z, im.z);
+      decode_slot<3>(pw, re.w, im.w);
+      *reinterpret_cast<uint4*>(&sW[0][wrow * kPStride + wd * 16]) = re;
+      *reinterpret_cast<uint4*>(&sW[1][wrow * kPStride + wd * 16]) = im;
     }
     __syncthreads();
+    if (k0 + kPBK < in_pad) load_step(k0 + kPBK);
 #pragma unroll
     for (int kk = 0; kk < kPBK; kk += 32) {
       uint32_t fa[2][2][4];  // [part][m tile][reg]
@@ -556,18 +607,47 @@ std::tuple<Tensor, Tensor> dequantize_cuda(Tensor packed, Tensor scales, int64_t
   return {wr, wi};
 }
 
+struct GemvArgs {
+  PackedView pv;
+  int64_t out;
+  int Tn;
+  int64_t in, in_pad;
+  const int8_t* q;
+  const float* a;
+  const float* s;
+};
+
+template <int NT, bool FUSED, typename T>
+void launch_gemv_nt(const GemvArgs& g, const T* xr, const T* xi, T* yr, T* yi, unsigned blocks, cudaStream_t stream) {
+  const size_t smem = FUSED ? static_cast<size_t>(2 * g.Tn * g.in_pad) : 0;
+  gemv_w2a8_kernel<NT, FUSED, T><<<blocks, kGemvWarps * 32, smem, stream>>>(g.pv, g.out, g.Tn, xr, xi, g.in, g.q,
+                                                                          g.in_pad, g.a, g.s, yr, yi);
+}
+
+bool gemv_fused_fits(int64_t T, int64_t in_pad) { return T <= kFusedMaxTokens && 2 * T * in_pad <= kFusedSmemBytes; }
+
 template <typename T>
-void launch_gemv(int nt, const PackedView& pv, int64_t out, int Tn, const int8_t* q, int64_t in_pad, const float* a,
-                 const float* s, T* yr, T* yi, cudaStream_t stream) {
-  const unsigned blocks = static_cast<unsigned>((out + kGemvWarps - 1) / kGemvWarps);
-  const dim3 block(kGemvWarps * 32);
-  switch (nt) {
-    case 1: gemv_w2a8_kernel<1, T><<<blocks, block, 0, stream>>>(pv, out, Tn, q, in_pad, a, s, yr, yi); break;
-    case 2: gemv_w2a8_kernel<2, T><<<blocks, block, 0, stream>>>(pv, out, Tn, q, in_pad, a, s, yr, yi); break;
-    case 4: gemv_w2a8_kernel<4, T><<<blocks, block, 0, stream>>>(pv, out, Tn, q, in_pad, a, s, yr, yi); break;
-    case 8: gemv_w2a8_kernel<8, T><<<blocks, block, 0, stream>>>(pv, out, Tn, q, in_pad, a, s, yr, yi); break;
-    default: gemv_w2a8_kernel<16, T><<<blocks, block, 0, stream>>>(pv, out, Tn, q, in_pad, a, s, yr, yi); break;
+void launch_gemv(const GemvArgs& g, const T* xr, const T* xi, T* yr, T* yi, int sms, cudaStream_t stream) {
+  const int64_t groups = (g.out + kGemvWarps - 1) / kGemvWarps;
+  if (gemv_fused_fits(g.Tn, g.in_pad)) {
+    // every block quantizes the tokens itself: cap the blocks so that work stays small beside the weights
+    const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(groups, 4 * static_cast<int64_t>(sms)));
+    switch (g.Tn) {
+      case 1: launch_gemv_nt<1, true, T>(g, xr, xi, yr, yi, blocks, stream); break;
+      case 2: launch_gemv_nt<2, true, T>(g, xr, xi, yr, yi, blocks, stream); break;
+      default: launch_gemv_nt<4, true, T>(g, xr, xi, yr, yi, blocks, stream); break;
+    }
+    return;
   }
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(groups, 65535));
+  if (g.Tn <= 2)
+    launch_gemv_nt<2, false, T>(g, xr, xi, yr, yi, blocks, stream);
+  else if (g.Tn <= 4)
+    launch_gemv_nt<4, false, T>(g, xr, xi, yr, yi, blocks, stream);
+  else if (g.Tn <= 8)
+    launch_gemv_nt<8, false, T>(g, xr, xi, yr, yi, blocks, stream);
+  else
+    launch_gemv_nt<16, false, T>(g, xr, xi, yr, yi, blocks, stream);
 }
 
 std::tuple<Tensor, Tensor> linear_cuda(Tensor x_real, Tensor x_imag, Tensor packed, Tensor scales, bool act_quant) {
@@ -607,17 +687,23 @@ std::tuple<Tensor, Tensor> linear_cuda(Tensor x_real, Tensor x_imag, Tensor pack
       return;
     }
     const int64_t in_pad = (d.in + kInPad - 1) / kInPad * kInPad;
+    const uintptr_t addr = reinterpret_cast<uintptr_t>(pbase);  // a view may start at any byte
+    const PackedView pv{pbase, d.nbytes, d.out * d.nbytes, addr % 4 == 0};
+    GemvArgs g{pv, d.out, static_cast<int>(std::min<int64_t>(d.T, 16)), d.in, in_pad, nullptr, nullptr, s};
+    if (d.T <= 16 && gemv_fused_fits(d.T, in_pad)) {
+      launch_gemv<T>(g, xrp, xip, yrp, yip, num_sms(dev), stream);
+      check_cuda(cudaGetLastError(), kLinear, "gemv_w2a8 (fused) launch");
+      return;
+    }
     Tensor q = torch::stable::new_empty(xr, {d.T * 2 * in_pad}, ScalarType::Char);
     Tensor a = torch::stable::new_empty(xr, {d.T * 2}, ScalarType::Float);
     int8_t* qp = static_cast<int8_t*>(q.mutable_data_ptr());
     float* ap = static_cast<float*>(a.mutable_data_ptr());
     act_quant_kernel<T><<<dim3(static_cast<unsigned>(d.T), 2), 256, 0, stream>>>(xrp, xip, d.in, in_pad, qp, ap);
     check_cuda(cudaGetLastError(), kLinear, "act_quant launch");
-    const uintptr_t addr = reinterpret_cast<uintptr_t>(pbase);  // a view may start at any byte
-    const PackedView pv{pbase, d.nbytes, d.out * d.nbytes, addr % 16 == 0 && d.nbytes % 16 == 0, addr % 4 == 0};
     if (d.T <= 16) {
-      const int nt = d.T <= 1 ? 1 : d.T <= 2 ? 2 : d.T <= 4 ? 4 : d.T <= 8 ? 8 : 16;
-      launch_gemv<T>(nt, pv, d.out, static_cast<int>(d.T), qp, in_pad, ap, s, yrp, yip, stream);
+      g.q = qp, g.a = ap;
+      launch_gemv<T>(g, xrp, xip, yrp, yip, num_sms(dev), stream);
       check_cuda(cudaGetLastError(), kLinear, "gemv_w2a8 launch");
     } else {
       const dim3 grid(static_cast<unsigned>((d.out + kPBN - 1) / kPBN), static_cast<unsigned>((d.T + kPBM - 1) / kPBM));
