@@ -15,7 +15,8 @@
 //   T > 16, prefill_w2a8_kernel: int8 tensor cores, mma.sync m16n8k32 s8·s8 -> s32 (exact). A block owns
 //     64 tokens x 64 rows; per 64-wide K step it stores the q tiles and the packed tile decoded into two
 //     int8 planes (Wre, Wim in {-1, 0, 1}) in shared memory, while the next step's global loads are in
-//     flight in registers. Four products per fragment: A = q_r·Wre, B = q_i·Wim, C = q_i·Wre, D = q_r·Wim.
+//     flight in registers; fragments come from ldmatrix. Four products per fragment pair: A = q_r·Wre,
+//     B = q_i·Wim, C = q_i·Wre, D = q_r·Wim.
 //   Both end with y_re = s_re·A/a_r + s_im·B/a_i, y_im = -s_re·C/a_i + s_im·D/a_r in fp32.
 // act_quant=false: linear_float_kernel, one warp per row and up to 8 tokens a pass, fp32 adds and
 //   subtracts of the activations by code, lanes reduced with a fixed shuffle tree (deterministic).
@@ -290,6 +291,13 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_w2a8_kernel(PackedView p
 // ---------------------------------------------------------------------------- prefill (T > 16)
 constexpr int kPBM = 64, kPBN = 64, kPBK = 64, kPStride = 80;  // smem rows padded: conflict-free fragments
 
+__device__ __forceinline__ void ldsm_x4(uint32_t (&r)[4], const void* smem) {
+  const uint32_t addr = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0, %1, %2, %3}, [%4];\n"
+               : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
+               : "r"(addr));
+}
+
 __device__ __forceinline__ void mma_s8(int32_t (&c)[4], const uint32_t (&a)[4], uint32_t b0, uint32_t b1) {
   asm volatile(
       "mma.sync.aligned.m16n8k32.row.col.s32.s8.s8.s32 {%0,%1,%2,%3}, {%4,%5,%6,%7}, {%8,%9}, {%0,%1,%2,%3};\n"
@@ -355,26 +363,23 @@ __global__ void __launch_bounds__(256) prefill_w2a8_kernel(PackedView pv, int64_
     if (k0 + kPBK < in_pad) load_step(k0 + kPBK);
 #pragma unroll
     for (int kk = 0; kk < kPBK; kk += 32) {
+      // ldmatrix x4 (8x8 b16 matrices = 8 rows x 16 bytes): for s8 m16n8k32 the A and B fragments have the
+      // byte layout of f16 m16n8k16, so the addressing is the one of common/strided_gemm.cuh.
       uint32_t fa[2][2][4];  // [part][m tile][reg]
 #pragma unroll
       for (int p = 0; p < 2; ++p)
 #pragma unroll
-        for (int mi = 0; mi < 2; ++mi) {
-          const int8_t* base = &sQ[p][(wm * 32 + mi * 16 + g) * kPStride + kk + tig * 4];
-          fa[p][mi][0] = *reinterpret_cast<const uint32_t*>(base);
-          fa[p][mi][1] = *reinterpret_cast<const uint32_t*>(base + 8 * kPStride);
-          fa[p][mi][2] = *reinterpret_cast<const uint32_t*>(base + 16);
-          fa[p][mi][3] = *reinterpret_cast<const uint32_t*>(base + 8 * kPStride + 16);
-        }
+        for (int mi = 0; mi < 2; ++mi)
+          ldsm_x4(fa[p][mi], &sQ[p][(wm * 32 + mi * 16 + (lane & 15)) * kPStride + kk + (lane >> 4) * 16]);
+      uint32_t fbr[2][4];  // [plane][b0, b1 of n tile 0, b0, b1 of n tile 1]
+#pragma unroll
+      for (int p = 0; p < 2; ++p) {
+        const int n = wn * 16 + (lane & 7) + ((lane >> 4) << 3);
+        ldsm_x4(fbr[p], &sW[p][n * kPStride + kk + ((lane >> 3) & 1) * 16]);
+      }
 #pragma unroll
       for (int ni = 0; ni < 2; ++ni) {
-        uint32_t fb[2][2];  // [plane][reg]
-#pragma unroll
-        for (int p = 0; p < 2; ++p) {
-          const int8_t* base = &sW[p][(wn * 16 + ni * 8 + g) * kPStride + kk + tig * 4];
-          fb[p][0] = *reinterpret_cast<const uint32_t*>(base);
-          fb[p][1] = *reinterpret_cast<const uint32_t*>(base + 16);
-        }
+        const uint32_t fb[2][2] = {{fbr[0][2 * ni], fbr[0][2 * ni + 1]}, {fbr[1][2 * ni], fbr[1][2 * ni + 1]}};
 #pragma unroll
         for (int mi = 0; mi < 2; ++mi) {
           mma_s8(acc[mi][ni][0], fa[0][mi], fb[0][0], fb[0][1]);  // A = q_r·Wre
