@@ -18,8 +18,9 @@
 //     flight in registers; fragments come from ldmatrix. Four products per fragment pair: A = q_r·Wre,
 //     B = q_i·Wim, C = q_i·Wre, D = q_r·Wim.
 //   Both end with y_re = s_re·A/a_r + s_im·B/a_i, y_im = -s_re·C/a_i + s_im·D/a_r in fp32.
-// act_quant=false: linear_float_kernel, one warp per row and up to 8 tokens a pass, fp32 adds and
-//   subtracts of the activations by code, lanes reduced with a fixed shuffle tree (deterministic).
+// act_quant=false: linear_float_kernel, one warp per row (lanes on packed words as above) and up to 8 tokens
+//   a pass, fp32 adds and subtracts of the activations by code, lanes reduced with a fixed shuffle tree
+//   (deterministic).
 // ifairy_quantize: one block per row computes codes, packs them and writes per-row sums (double) and
 //   counts; one block then sums the rows in a fixed order: deterministic scales.
 //
@@ -415,59 +416,61 @@ __global__ void __launch_bounds__(256) prefill_w2a8_kernel(PackedView pv, int64_
 // ------------------------------------------------------------------------------- act_quant=false
 constexpr int kFloatTokens = 8;
 
-// One warp per row, tokens [t0, t0 + 8) of x (T, in). Lanes take packed bytes lane, lane + 32, ...
+// One warp per row, tokens [t0, t0 + 8) of x (T, in). Lane l takes packed words l, l + 32, ... (element e of
+// word w, at bits 2e, is x's element 16w + e) and adds or subtracts the matching activations in fp32.
 template <typename T>
-__global__ void __launch_bounds__(kGemvWarps * 32) linear_float_kernel(const uint8_t* __restrict__ packed,
-                                                                       int64_t nbytes, int64_t out, int64_t in,
+__global__ void __launch_bounds__(kGemvWarps * 32) linear_float_kernel(PackedView pv, int64_t out, int64_t in,
                                                                        int64_t Tn, const T* __restrict__ xr,
                                                                        const T* __restrict__ xi,
                                                                        const float* __restrict__ scales, T* yr,
                                                                        T* yi) {
   const int lane = threadIdx.x & 31;
-  const int64_t r = static_cast<int64_t>(blockIdx.x) * kGemvWarps + (threadIdx.x >> 5);
   const int64_t t0 = static_cast<int64_t>(blockIdx.y) * kFloatTokens;
-  if (r >= out) return;
-  float acc[kFloatTokens][4];
+  const int nt = static_cast<int>(Tn - t0 < kFloatTokens ? Tn - t0 : kFloatTokens);
+  const int64_t words = (pv.nbytes + 3) / 4;
+  for (int64_t r = static_cast<int64_t>(blockIdx.x) * kGemvWarps + (threadIdx.x >> 5); r < out;
+       r += static_cast<int64_t>(gridDim.x) * kGemvWarps) {
+    float acc[kFloatTokens][4];
 #pragma unroll
-  for (int t = 0; t < kFloatTokens; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
-  const uint8_t* row = packed + r * nbytes;
-  for (int64_t b = lane; b < nbytes; b += 32) {
-    const uint32_t byte = __ldg(row + b);
+    for (int t = 0; t < kFloatTokens; ++t) acc[t][0] = acc[t][1] = acc[t][2] = acc[t][3] = 0.f;
+    for (int64_t w = lane; w < words; w += 32) {
+      const uint32_t pw = load_word(pv, r, w);
 #pragma unroll
-    for (int e = 0; e < 4; ++e) {
-      const int64_t j = 4 * b + e;
-      if (j >= in) break;
-      const uint32_t c = (byte >> (2 * e)) & 3u;
-      const bool positive = c & 1u, imag = c & 2u;
+      for (int e = 0; e < 16; ++e) {
+        const int64_t j = 16 * w + e;
+        if (j >= in) break;
+        const uint32_t c = (pw >> (2 * e)) & 3u;
+        const bool positive = c & 1u, imag = c & 2u;
 #pragma unroll
-      for (int t = 0; t < kFloatTokens; ++t) {
-        if (t0 + t < Tn) {
-          const float vr = to_f(xr[(t0 + t) * in + j]), vi = to_f(xi[(t0 + t) * in + j]);
-          const float sr = positive ? vr : -vr, si = positive ? vi : -vi;
-          if (imag) {
-            acc[t][1] += si, acc[t][3] += sr;
-          } else {
-            acc[t][0] += sr, acc[t][2] += si;
+        for (int t = 0; t < kFloatTokens; ++t) {
+          if (t < nt) {
+            const float vr = to_f(xr[(t0 + t) * in + j]), vi = to_f(xi[(t0 + t) * in + j]);
+            const float sr = positive ? vr : -vr, si = positive ? vi : -vi;
+            if (imag) {
+              acc[t][1] += si, acc[t][3] += sr;
+            } else {
+              acc[t][0] += sr, acc[t][2] += si;
+            }
           }
         }
       }
     }
-  }
-#pragma unroll
-  for (int t = 0; t < kFloatTokens; ++t)
-#pragma unroll
-    for (int k = 0; k < 4; ++k)
-#pragma unroll
-      for (int o = 16; o > 0; o >>= 1) acc[t][k] += __shfl_xor_sync(0xffffffffu, acc[t][k], o);
-  if (lane == 0) {
-    const float s_re = scales[0], s_im = scales[1];
 #pragma unroll
     for (int t = 0; t < kFloatTokens; ++t)
-      if (t0 + t < Tn) {
-        const int64_t idx = (t0 + t) * out + r;
-        yr[idx] = from_f<T>(s_re * acc[t][0] + s_im * acc[t][1]);
-        yi[idx] = from_f<T>(s_im * acc[t][3] - s_re * acc[t][2]);
-      }
+#pragma unroll
+      for (int k = 0; k < 4; ++k)
+#pragma unroll
+        for (int o = 16; o > 0; o >>= 1) acc[t][k] += __shfl_xor_sync(0xffffffffu, acc[t][k], o);
+    if (lane == 0) {
+      const float s_re = scales[0], s_im = scales[1];
+#pragma unroll
+      for (int t = 0; t < kFloatTokens; ++t)
+        if (t < nt) {
+          const int64_t idx = (t0 + t) * out + r;
+          yr[idx] = from_f<T>(s_re * acc[t][0] + s_im * acc[t][1]);
+          yi[idx] = from_f<T>(s_im * acc[t][3] - s_re * acc[t][2]);
+        }
+    }
   }
 }
 
@@ -681,19 +684,19 @@ std::tuple<Tensor, Tensor> linear_cuda(Tensor x_real, Tensor x_imag, Tensor pack
     const T* xip = static_cast<const T*>(xi.const_data_ptr());
     T* yrp = static_cast<T*>(yr.mutable_data_ptr());
     T* yip = static_cast<T*>(yi.mutable_data_ptr());
+    const uintptr_t addr = reinterpret_cast<uintptr_t>(pbase);  // a view may start at any byte
+    const PackedView pv{pbase, d.nbytes, d.out * d.nbytes, addr % 4 == 0};
     if (!act_quant) {
-      const dim3 grid(static_cast<unsigned>((d.out + kGemvWarps - 1) / kGemvWarps),
-                      static_cast<unsigned>((d.T + kFloatTokens - 1) / kFloatTokens));
-      STD_TORCH_CHECK(grid.y <= 65535u, kLinear, ": act_quant=False takes at most ", 65535 * kFloatTokens,
+      const int64_t token_groups = (d.T + kFloatTokens - 1) / kFloatTokens;
+      STD_TORCH_CHECK(token_groups <= 65535, kLinear, ": act_quant=False takes at most ", 65535 * kFloatTokens,
                       " tokens a call, got ", d.T);
-      linear_float_kernel<T><<<grid, kGemvWarps * 32, 0, stream>>>(pbase, d.nbytes, d.out, d.in, d.T, xrp, xip, s,
-                                                                    yrp, yip);
+      const int64_t row_groups = (d.out + kGemvWarps - 1) / kGemvWarps;
+      const dim3 grid(static_cast<unsigned>(std::min<int64_t>(row_groups, 65535)), static_cast<unsigned>(token_groups));
+      linear_float_kernel<T><<<grid, kGemvWarps * 32, 0, stream>>>(pv, d.out, d.in, d.T, xrp, xip, s, yrp, yip);
       check_cuda(cudaGetLastError(), kLinear, "linear_float launch");
       return;
     }
     const int64_t in_pad = (d.in + kInPad - 1) / kInPad * kInPad;
-    const uintptr_t addr = reinterpret_cast<uintptr_t>(pbase);  // a view may start at any byte
-    const PackedView pv{pbase, d.nbytes, d.out * d.nbytes, addr % 4 == 0};
     GemvArgs g{pv, d.out, static_cast<int>(std::min<int64_t>(d.T, 16)), d.in, in_pad, nullptr, nullptr, s};
     if (d.T <= 16 && gemv_fused_fits(d.T, in_pad)) {
       launch_gemv<T>(g, xrp, xip, yrp, yip, num_sms(dev), stream);
