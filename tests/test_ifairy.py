@@ -765,6 +765,12 @@ def test_module_fresh_init_is_usable():
     y = layer(*make_x((3,), 10))
     assert all(torch.isfinite(p).all() and p.shape == (3, 7) for p in y)
     assert "in_features=10" in repr(layer) and "out_features=7" in repr(layer) and "act_quant=True" in repr(layer)
+    lazy = IFairyLinear(10, 7, device="meta")  # lazy init: shapes only, filled by load_state_dict later
+    assert lazy.packed.is_meta and lazy.packed.shape == (7, 3) and lazy.scales.dtype == torch.float32
+    lazy = lazy.to_empty(device="cpu")
+    lazy.load_state_dict(layer.state_dict())
+    x = make_x((2,), 10)
+    assert all(torch.equal(a, b) for a, b in zip(lazy(*x), layer(*x)))
 
 
 @pytest.mark.parametrize("device", devices)

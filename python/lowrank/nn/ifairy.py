@@ -43,6 +43,8 @@ class IFairyLinear(nn.Module):
     @torch.no_grad()
     def reset_parameters(self) -> None:
         """Random codes (padding codes 0) and ``s_re = s_im = 1/√in``, so ``|y| ≈ |x|`` on random data."""
+        if self.packed.is_meta:
+            return
         codes = torch.randint(0, 4, (self.out_features, self.in_features), device=self.packed.device)
         self.packed.copy_(lowrank.reference.ifairy_pack_codes(codes))
         self.scales.fill_(self.in_features ** -0.5)
@@ -53,7 +55,8 @@ class IFairyLinear(nn.Module):
         if w_real.dim() != 2 or w_real.shape != w_imag.shape:
             raise ValueError(f"IFairyLinear.from_float: w_real and w_imag must be 2-D (out, in) of the same "
                              f"shape, got {tuple(w_real.shape)} and {tuple(w_imag.shape)}")
-        layer = cls(w_real.shape[1], w_real.shape[0], act_quant, device=w_real.device)
+        # skip_init: no random codes drawn only to be overwritten
+        layer = nn.utils.skip_init(cls, w_real.shape[1], w_real.shape[0], act_quant, device=w_real.device)
         packed, scales = lowrank.ifairy_quantize(w_real.detach(), w_imag.detach())
         layer.packed.copy_(packed)
         layer.scales.copy_(scales)
