@@ -254,7 +254,7 @@ def _measure_refresh(case: Case, device: str, row: dict) -> None:
     idx = lowrank.dct_select(G, Q, case.rank, left)
     scores = basis_scores_reference(G.double(), Q.double(), left)
     best = scores.topk(case.rank).values.sum()
-    row["max_err"] = ((best - scores[idx.long()].sum()) / best).item()  # lost top-r score mass
+    row["max_err"] = max(((best - scores[idx.long()].sum()) / best).item(), 0.0)  # lost top-r score mass
     row["ok"] = row["max_err"] <= 1e-5 and idx.dtype == torch.int32 and bool((idx[1:] > idx[:-1]).all())
     slow = _time_slow_ms if device.startswith("cuda") else time_ms
     row["ours_ms"] = time_ms(lambda: lowrank.dct_select(G, Q, case.rank, left), device)
