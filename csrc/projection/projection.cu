@@ -129,13 +129,49 @@ __device__ __forceinline__ void store4(T* p, const float (&v)[4]) {
   }
 }
 
+// Two fp32 values as one register of 16-bit elements (lo = the lower k index), rounded to nearest.
+template <typename T>
+__device__ __forceinline__ uint32_t pack2(float lo, float hi) {
+  uint32_t r;
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    const __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    memcpy(&r, &v, sizeof(r));
+  } else {
+    const __half2 v = __floats2half2_rn(lo, hi);
+    memcpy(&r, &v, sizeof(r));
+  }
+  return r;
+}
+
+// D = A·B + D, m16n8k8, 16-bit inputs, fp32 accumulate. Fragments (g = lane / 4, t = lane % 4):
+//   a0 = A[g][2t, 2t+1], a1 = A[g+8][2t, 2t+1]; b0 = B[2t, 2t+1][g]; c0,c1 = C[g][2t, 2t+1], c2,c3 = C[g+8][2t, 2t+1].
+template <typename T>
+__device__ __forceinline__ void mma_16816_k8(float& c0, float& c1, float& c2, float& c3, uint32_t a0, uint32_t a1,
+                                             uint32_t b0) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.bf16.bf16.f32 {%0, %1, %2, %3}, {%4, %5}, {%6}, "
+                 "{%0, %1, %2, %3};\n"
+                 : "+f"(c0), "+f"(c1), "+f"(c2), "+f"(c3)
+                 : "r"(a0), "r"(a1), "r"(b0));
+  } else {
+    asm volatile("mma.sync.aligned.m16n8k8.row.col.f32.f16.f16.f32 {%0, %1, %2, %3}, {%4, %5}, {%6}, "
+                 "{%0, %1, %2, %3};\n"
+                 : "+f"(c0), "+f"(c1), "+f"(c2), "+f"(c3)
+                 : "r"(a0), "r"(a1), "r"(b0));
+  }
+}
+
 // TA: A's element type. TW / TG: W's and G's types (update only; TG = void: no residual term).
 template <typename TA, int kEpi, typename TW, typename TG>
 __global__ void __launch_bounds__(kThreads, 2) sim_gemm_kernel(GemmArgs p, EpiArgs e) {
   __shared__ __align__(16) float smem[2 * kBK * kPadM + 2 * kBK * kPadN];
   float* As = smem;                      // [2][kBK][kPadM]
   float* Bs = smem + 2 * kBK * kPadM;    // [2][kBK][kPadN]
+  // 16-bit A in galore_project: tensor cores, B rounded to A's type (as galore-torch does); 8 warps as 2 (M) x 4 (N),
+  // each 64 x 32 = 4 x 4 mma tiles. Otherwise SIMT fp32: 16 x 16 threads, 8 x 8 outputs each.
+  constexpr bool kMma = !std::is_same<TA, float>::value && kEpi == kEpiProject;
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
+  const int lane = tid & 31, wm = (tid >> 5) & 1, wn = tid >> 6, lg = lane >> 2, lt = lane & 3;
   const int n0 = blockIdx.x * kBN, m0 = blockIdx.y * kBM, split = blockIdx.z;
   const int64_t k_begin = static_cast<int64_t>(split) * p.k_per_split;
   const int64_t k_end = std::min<int64_t>(p.K, k_begin + p.k_per_split);
@@ -209,6 +245,27 @@ __global__ void __launch_bounds__(kThreads, 2) sim_gemm_kernel(GemmArgs p, EpiAr
           sq = fmaf(v, v, sq);
         }
       }
+      if constexpr (kMma) {
+        static_assert(kBK == 8, "one m16n8k8 step per K tile");
+        uint32_t af[4][2], bf[4];
+#pragma unroll
+        for (int mi = 0; mi < 4; ++mi) {
+          const int r = wm * 64 + mi * 16 + lg;
+          af[mi][0] = pack2<TA>(as[(2 * lt) * kPadM + r], as[(2 * lt + 1) * kPadM + r]);
+          af[mi][1] = pack2<TA>(as[(2 * lt) * kPadM + r + 8], as[(2 * lt + 1) * kPadM + r + 8]);
+        }
+#pragma unroll
+        for (int ni = 0; ni < 4; ++ni) {
+          const int c = wn * 32 + ni * 8 + lg;
+          bf[ni] = pack2<TA>(bs[(2 * lt) * kPadN + c], bs[(2 * lt + 1) * kPadN + c]);
+        }
+#pragma unroll
+        for (int mi = 0; mi < 4; ++mi)
+#pragma unroll
+          for (int ni = 0; ni < 4; ++ni)
+            mma_16816_k8<TA>(acc[2 * mi][2 * ni], acc[2 * mi][2 * ni + 1], acc[2 * mi + 1][2 * ni],
+                             acc[2 * mi + 1][2 * ni + 1], af[mi][0], af[mi][1], bf[ni]);
+      } else {
 #pragma unroll
       for (int kk = 0; kk < kBK; ++kk) {
         const float4 a0 = *reinterpret_cast<const float4*>(as + kk * kPadM + ty * 4);
@@ -222,14 +279,21 @@ __global__ void __launch_bounds__(kThreads, 2) sim_gemm_kernel(GemmArgs p, EpiAr
 #pragma unroll
           for (int j = 0; j < 8; ++j) acc[i][j] = fmaf(av[i], bv[j], acc[i][j]);
       }
+      }
       if (has_next) stash(cur ^ 1);
       __syncthreads();
       cur ^= 1;
     }
   }
 
-  auto row_of = [&](int i) { return m0 + (i < 4 ? ty * 4 + i : 64 + ty * 4 + (i - 4)); };
-  auto col_of = [&](int jg) { return n0 + jg * 64 + tx * 4; };  // first of 4 columns, jg in {0, 1}
+  // acc[i][j] is C(row_of(i), col_at(j)). mma: acc[2mi + h][2ni + c] = fragment (mi, ni) element c + 2h.
+  auto row_of = [&](int i) {
+    return kMma ? m0 + wm * 64 + (i >> 1) * 16 + lg + 8 * (i & 1) : m0 + (i < 4 ? ty * 4 + i : 64 + ty * 4 + (i - 4));
+  };
+  auto col_at = [&](int j) {
+    return kMma ? n0 + wn * 32 + (j >> 1) * 8 + 2 * lt + (j & 1) : n0 + (j >> 2) * 64 + tx * 4 + (j & 3);
+  };
+  auto col_of = [&](int jg) { return n0 + jg * 64 + tx * 4; };  // SIMT: first of 4 columns, jg in {0, 1}
 
   if constexpr (kEpi == kEpiProject) {
 #pragma unroll
@@ -238,7 +302,7 @@ __global__ void __launch_bounds__(kThreads, 2) sim_gemm_kernel(GemmArgs p, EpiAr
       if (row >= p.M) continue;
 #pragma unroll
       for (int j = 0; j < 8; ++j) {
-        const int col = col_of(j >> 2) + (j & 3);
+        const int col = col_at(j);
         if (col < p.N) e.out[split * e.split_stride + row * e.o_rs + col * e.o_cs] = acc[i][j];
       }
     }
@@ -303,9 +367,11 @@ __global__ void __launch_bounds__(kThreads, 2) sim_gemm_kernel(GemmArgs p, EpiAr
       cs[j] = s;
     }
     __syncthreads();  // smem reused: every thread is past its last read of the operand tiles
+    // 16 threads hold disjoint row sets of each column: SIMT ty, mma (wm, lane / 4)
     float* red = smem;  // [16][kBN]
+    const int contributor = kMma ? wm * 8 + lg : ty;
 #pragma unroll
-    for (int j = 0; j < 8; ++j) red[ty * kBN + (j >> 2) * 64 + tx * 4 + (j & 3)] = cs[j];
+    for (int j = 0; j < 8; ++j) red[contributor * kBN + (col_at(j) - n0)] = cs[j];
     __syncthreads();
     if (tid < kBN && n0 + tid < p.N) {
       float s = 0.f;
