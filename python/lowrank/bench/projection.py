@@ -22,8 +22,12 @@ calls it; ``randomized_ms`` = ``torch.svd_lowrank(q=r, niter=2)``.
 Checks (``max err``): a step from the same W, G, P is compared with the float64 reference step
 (max |ΔW_ours − ΔW_ref| / max |ΔW_ref| for fp32 weights; max |W_ours − W_ref| / max |W_ref| for bf16 weights,
 which round once); ``official err`` is galore-torch's (or the reference's) own error measured the same way. A
-refresh row checks that the selected rows carry the top-r score mass of the float64 scores. CPU runs use the
-7B shapes divided by 4 and rank 128 only (an SVD of 11008x4096 takes minutes on a few cores).
+refresh row checks that the selected rows carry the top-r score mass of the float64 scores.
+
+CUDA grid: shapes 4096x4096, 11008x4096, 4096x11008; ranks 128, 256, 512 (Fira: 128); fp32 and bf16; refresh at
+4096x11008. CPU runs use the 7B shapes divided by 4, rank 128, Fira on the square shape only, refresh at
+1024x2752 (an SVD of 4096x11008 takes minutes on a few cores). Quick: one 512x384 r64 fp32 GaLore row.
+The compiled baseline costs a compile per row (tens of seconds); LOWRANK_BENCH_NO_COMPILE=1 skips it.
 """
 from __future__ import annotations
 
@@ -115,15 +119,15 @@ def _inputs(case: Case, device: str):
     return W, G, P, left
 
 
-def _group(W, case: Case, fira: bool) -> dict:
+def _group(W, case: Case, **extra) -> dict:
     return {"params": [W], "rank": case.rank, "update_proj_gap": NO_REFRESH, "scale": ALPHA, "proj_type": "std",
-            "fira": fira}
+            **extra}
 
 
 def _ours(W0, G, P, case, fira):
     W = nn.Parameter(W0.clone())
     W.grad = G.clone()
-    opt = GaLoreAdamW([_group(W, case, fira)], lr=LR)
+    opt = GaLoreAdamW([_group(W, case, fira=fira)], lr=LR)
     opt.state[W].update(step=1, P=P.clone())  # a built projector, as after the first (refreshing) step
     return W, opt
 
@@ -136,7 +140,7 @@ def _galore_torch(W0, G, P, case):
     W.grad = G.clone()
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        opt = galore_torch.GaLoreAdamW([_group(W, case, False) | {"fira": None}], lr=LR)
+        opt = galore_torch.GaLoreAdamW([_group(W, case)], lr=LR)
     proj = GaLoreProjector(case.rank, update_proj_gap=NO_REFRESH, scale=ALPHA, proj_type="std")
     proj.ortho_matrix = P.to(case.dtype)  # galore-torch keeps P in the weight's dtype
     opt.state[W].update(step=1, projector=proj)
