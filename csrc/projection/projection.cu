@@ -20,8 +20,9 @@
 //                   kernel adds the m-tile partials in order. Deterministic, no atomics.
 //   adam_lowrank_   elementwise, grid-stride.   dct_basis_  one thread per element, cospi in double of
 //                   (i·(2j+1) mod 4n) / 2n, exact integer reduction.
-// bf16 / fp16 G run through the same fp32 SIMT engine (P is not rounded to 16 bits): exact-ish, not the
-// tensor-core path the issue asks for (see the report / TODO at the launcher).
+// galore_project with bf16 / fp16 G computes on tensor cores (mma.sync m16n8k8, fp32 accumulate): G is exact in
+// 16 bits and P enters as hi + mid + lo 16-bit terms (three products), so R matches an fp32 product of the exact
+// G (fp16: |P| < 1023, see kBScale; an orthonormal P qualifies). Everything else is SIMT fp32.
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/accelerator.h>
 #include <torch/csrc/stable/library.h>
@@ -143,6 +144,31 @@ __device__ __forceinline__ uint32_t pack2(float lo, float hi) {
   return r;
 }
 
+template <typename T>
+__device__ __forceinline__ float2 unpack2(uint32_t r) {
+  if constexpr (std::is_same<T, __nv_bfloat16>::value) {
+    __nv_bfloat162 v;
+    memcpy(&v, &r, sizeof(r));
+    return __bfloat1622float2(v);
+  } else {
+    __half2 v;
+    memcpy(&v, &r, sizeof(r));
+    return __half22float2(v);
+  }
+}
+
+// x = hi + mid + lo in T (each term the rounding of what the previous ones left; the residuals are exact in
+// fp32), so a product with 16-bit A done as three tensor-core products keeps fp32-level accuracy in x.
+template <typename T>
+__device__ __forceinline__ void split3(float x0, float x1, uint32_t (&out)[3]) {
+#pragma unroll
+  for (int s = 0; s < 3; ++s) {
+    out[s] = pack2<T>(x0, x1);
+    const float2 v = unpack2<T>(out[s]);
+    x0 -= v.x, x1 -= v.y;
+  }
+}
+
 // D = A·B + D, m16n8k8, 16-bit inputs, fp32 accumulate. Fragments (g = lane / 4, t = lane % 4):
 //   a0 = A[g][2t, 2t+1], a1 = A[g+8][2t, 2t+1]; b0 = B[2t, 2t+1][g]; c0,c1 = C[g][2t, 2t+1], c2,c3 = C[g+8][2t, 2t+1].
 template <typename T>
@@ -167,9 +193,13 @@ __global__ void __launch_bounds__(kThreads, 2) sim_gemm_kernel(GemmArgs p, EpiAr
   __shared__ __align__(16) float smem[2 * kBK * kPadM + 2 * kBK * kPadN];
   float* As = smem;                      // [2][kBK][kPadM]
   float* Bs = smem + 2 * kBK * kPadM;    // [2][kBK][kPadN]
-  // 16-bit A in galore_project: tensor cores, B rounded to A's type (as galore-torch does); 8 warps as 2 (M) x 4 (N),
-  // each 64 x 32 = 4 x 4 mma tiles. Otherwise SIMT fp32: 16 x 16 threads, 8 x 8 outputs each.
+  // 16-bit A in galore_project: tensor cores, A exact, B (P, fp32) as the sum of three 16-bit terms (split3), so R
+  // keeps fp32-level accuracy (galore-torch instead rounds P to 16 bits); 8 warps as 2 (M) x 4 (N), each 64 x 32 =
+  // 4 x 4 mma tiles. Otherwise SIMT fp32: 16 x 16 threads, 8 x 8 outputs each.
   constexpr bool kMma = !std::is_same<TA, float>::value && kEpi == kEpiProject;
+  // fp16 B is split after a 2^6 scale (undone on acc before the epilogue; both exact) so the smallest term stays
+  // clear of fp16's subnormals for |P| ~ 1/sqrt(n); this needs |P| < 1023.
+  constexpr float kBScale = std::is_same<TA, __half>::value ? 64.f : 1.f;
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
   const int lane = tid & 31, wm = (tid >> 5) & 1, wn = tid >> 6, lg = lane >> 2, lt = lane & 3;
   const int n0 = blockIdx.x * kBN, m0 = blockIdx.y * kBM, split = blockIdx.z;
@@ -247,7 +277,7 @@ __global__ void __launch_bounds__(kThreads, 2) sim_gemm_kernel(GemmArgs p, EpiAr
       }
       if constexpr (kMma) {
         static_assert(kBK == 8, "one m16n8k8 step per K tile");
-        uint32_t af[4][2], bf[4];
+        uint32_t af[4][2], bf[4][3];
 #pragma unroll
         for (int mi = 0; mi < 4; ++mi) {
           const int r = wm * 64 + mi * 16 + lg;
@@ -257,14 +287,16 @@ __global__ void __launch_bounds__(kThreads, 2) sim_gemm_kernel(GemmArgs p, EpiAr
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni) {
           const int c = wn * 32 + ni * 8 + lg;
-          bf[ni] = pack2<TA>(bs[(2 * lt) * kPadN + c], bs[(2 * lt + 1) * kPadN + c]);
+          split3<TA>(bs[(2 * lt) * kPadN + c] * kBScale, bs[(2 * lt + 1) * kPadN + c] * kBScale, bf[ni]);
         }
 #pragma unroll
         for (int mi = 0; mi < 4; ++mi)
 #pragma unroll
           for (int ni = 0; ni < 4; ++ni)
-            mma_16816_k8<TA>(acc[2 * mi][2 * ni], acc[2 * mi][2 * ni + 1], acc[2 * mi + 1][2 * ni],
-                             acc[2 * mi + 1][2 * ni + 1], af[mi][0], af[mi][1], bf[ni]);
+#pragma unroll
+            for (int s = 2; s >= 0; --s)  // smallest term first
+              mma_16816_k8<TA>(acc[2 * mi][2 * ni], acc[2 * mi][2 * ni + 1], acc[2 * mi + 1][2 * ni],
+                               acc[2 * mi + 1][2 * ni + 1], af[mi][0], af[mi][1], bf[ni][s]);
       } else {
 #pragma unroll
       for (int kk = 0; kk < kBK; ++kk) {
@@ -286,6 +318,12 @@ __global__ void __launch_bounds__(kThreads, 2) sim_gemm_kernel(GemmArgs p, EpiAr
     }
   }
 
+  if constexpr (kMma && kBScale != 1.f) {
+#pragma unroll
+    for (int i = 0; i < 8; ++i)
+#pragma unroll
+      for (int j = 0; j < 8; ++j) acc[i][j] *= 1.f / kBScale;
+  }
   // acc[i][j] is C(row_of(i), col_at(j)). mma: acc[2mi + h][2ni + c] = fragment (mi, ni) element c + 2h.
   auto row_of = [&](int i) {
     return kMma ? m0 + wm * 64 + (i >> 1) * 16 + lg + 8 * (i & 1) : m0 + (i < 4 ? ty * 4 + i : 64 + ty * 4 + (i - 4));
