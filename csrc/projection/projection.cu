@@ -537,9 +537,9 @@ std::tuple<Tensor, Tensor> galore_project_cuda(Tensor G, Tensor P, bool left, bo
   p.b_ks = left ? d.r : 1;
   p.b_ns = left ? 1 : d.n;
   p.M = static_cast<int>(M), p.N = static_cast<int>(N), p.K = static_cast<int>(K);
-  // split K until the grid covers ~2 waves, keeping >= 256 of K per split
+  // split K so the grid fills one wave (2 blocks per SM) without starting a second, partial one; >= 256 of K per split
   const int64_t tiles = ((M + kBM - 1) / kBM) * ((N + kBN - 1) / kBN);
-  int64_t splits = std::min<int64_t>((2 * sms + tiles - 1) / tiles, std::max<int64_t>(1, K / 256));
+  int64_t splits = std::min<int64_t>((2 * sms) / tiles, std::max<int64_t>(1, K / 256));
   splits = std::max<int64_t>(1, std::min<int64_t>(splits, 64));
   int64_t kps = ((K + splits - 1) / splits + kBK - 1) / kBK * kBK;
   splits = (K + kps - 1) / kps;  // every split non-empty
