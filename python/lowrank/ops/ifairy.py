@@ -1,6 +1,138 @@
-"""ifairy ops: typed wrappers, fakes."""
+"""iFairy (Fairy±i) 2-bit complex inference: ``lowrank.ifairy_quantize``, ``ifairy_dequantize``, ``ifairy_linear``.
+
+Public packed format (what users save and load):
+    codes 0 = -1, 1 = +1, 2 = -i, 3 = +i; ``packed`` is uint8 ``(out, ceil(in/4))`` with element ``j`` of a row in
+    byte ``j // 4`` at bits ``2·(j % 4)`` (low bits first; padding codes are 0 and ignored); ``scales`` is float32
+    ``[s_re, s_im]``. The dequantized weight is ``W = Wr + i·Wi`` with ``Wr ∈ {0, ±s_re}``, ``Wi ∈ {0, ±s_im}``.
+
+Inference only: asking for a gradient through these ops raises.
+"""
 from __future__ import annotations
 
-__all__: list[str] = []
+import torch
+
+__all__ = ["ifairy_quantize", "ifairy_dequantize", "ifairy_linear"]
 # names in torch.ops.lowrank of this family
-OP_NAMES: list[str] = []
+OP_NAMES = ["ifairy_quantize", "ifairy_dequantize", "ifairy_linear"]
+
+_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def ifairy_quantize(w_real: torch.Tensor, w_imag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """PhaseQuant of a complex weight ``w_real + i·w_imag`` (both ``(out, in)``) to ``{±1, ±i}``, packed.
+
+    Each weight goes to the fourth root of unity nearest by phase, with iFairy's half-open sectors of
+    ``atan2(wi, wr)``: ``[-π/4, π/4) -> +1``, ``[π/4, 3π/4) -> +i``, ``[-3π/4, -π/4) -> -i``, otherwise ``-1``
+    (so ``1+1i -> +i``, ``1-1i -> +1``, ``-1+1i -> -1``, ``-1-1i -> -i``; zero ``-> +1``). The sectors are
+    decided by exact comparisons, not a rounded atan2.
+    ``s_re`` = mean ``|w_real|`` over the weights mapped to ±1, ``s_im`` = mean ``|w_imag|`` over those mapped to ±i
+    (summed in float64, independent of the thread count), each clamped to ``>= 1e-5`` (an axis no weight maps
+    to gets ``1e-5``).
+
+    Args:
+        w_real, w_imag: ``(out, in)``, float32 / float16 / bfloat16 (float64 on CPU), same dtype and device.
+
+    Returns ``(packed, scales)``: uint8 ``(out, ceil(in/4))`` and float32 ``[s_re, s_im]``.
+    """
+    return torch.ops.lowrank.ifairy_quantize(w_real, w_imag)
+
+
+def ifairy_dequantize(packed: torch.Tensor, scales: torch.Tensor, in_features: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Unpack ``packed`` (uint8 ``(out, ceil(in_features/4))``) with ``scales`` (float32 ``[s_re, s_im]``).
+
+    Returns ``(w_real, w_imag)``, float32 ``(out, in_features)``: code 0 -> ``(-s_re, 0)``, 1 -> ``(s_re, 0)``,
+    2 -> ``(0, -s_im)``, 3 -> ``(0, s_im)``.
+    """
+    return torch.ops.lowrank.ifairy_dequantize(packed, scales, int(in_features))
+
+
+def ifairy_linear(x_real: torch.Tensor, x_imag: torch.Tensor, packed: torch.Tensor, scales: torch.Tensor,
+                  act_quant: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """``y = W·conj(x)`` per token, iFairy's ``ComplexLinear`` on a packed 2-bit weight.
+
+    ``y_real = x_real @ Wrᵀ + x_imag @ Wiᵀ`` and ``y_imag = x_real @ Wiᵀ - x_imag @ Wrᵀ`` with ``(Wr, Wi)`` the
+    dequantized weight.
+
+    Args:
+        x_real, x_imag: ``(..., in)``, float32 / float16 / bfloat16 (float64 on CPU), same shape, dtype, device;
+            any strides.
+        packed: uint8 ``(out, ceil(in/4))``; scales: float32 ``[s_re, s_im]``, on x's device.
+        act_quant: iFairy's W2A8. Each token's real and imaginary parts are quantized separately to int8:
+            ``a = 127 / max(max|x|, 1e-5)`` (float32), ``q = clamp(round_half_even(x·a), -128, 127)`` computed in
+            float32; the sums of the signed int8 values are exact (int32) and
+            ``y_re = s_re·A/a_r + s_im·B/a_i``, ``y_im = -s_re·C/a_i + s_im·D/a_r`` at the end. With
+            ``act_quant=False`` the activations are added and subtracted in floating point (fp32 accumulation,
+            fp64 for float64). An all-zero token gives zeros.
+
+    Returns ``(y_real, y_imag)``, ``(..., out)`` in x's dtype. Not differentiable (inference only).
+    """
+    return torch.ops.lowrank.ifairy_linear(x_real, x_imag, packed, scales, bool(act_quant))
+
+
+# --------------------------------------------------------------------------------------------- fakes
+def _check_packed_scales(op, packed, scales):
+    torch._check(packed.dim() == 2, lambda: f"{op}: packed must be 2-D (out, ceil(in/4)) uint8, got a "
+                                            f"{packed.dim()}-D tensor")
+    torch._check(packed.dtype == torch.uint8, lambda: f"{op}: packed must be uint8, got {packed.dtype}")
+    torch._check(scales.dtype == torch.float32, lambda: f"{op}: scales must be float32 [s_re, s_im], got {scales.dtype}")
+    torch._check(scales.numel() == 2, lambda: f"{op}: scales must hold 2 elements [s_re, s_im], got {scales.numel()}")
+    torch._check(packed.device == scales.device, lambda: f"{op}: packed and scales must be on the same device")
+
+
+@torch.library.register_fake("lowrank::ifairy_quantize")
+def _ifairy_quantize_fake(w_real, w_imag):
+    op = "lowrank.ifairy_quantize"
+    torch._check(w_real.dim() == 2 and w_imag.dim() == 2, lambda: f"{op}: w_real and w_imag must be 2-D (out, in)")
+    torch._check(w_real.shape == w_imag.shape, lambda: f"{op}: w_real and w_imag must have the same shape")
+    torch._check(w_real.dtype in _FLOATS, lambda: f"{op}: w_real must be float32, float16 or bfloat16 (float64 on "
+                                                  f"CPU), got {w_real.dtype}")
+    torch._check(w_real.dtype == w_imag.dtype, lambda: f"{op}: w_real and w_imag must have the same dtype")
+    torch._check(w_real.device == w_imag.device, lambda: f"{op}: w_real and w_imag must be on the same device")
+    out, inn = w_real.shape
+    return (w_real.new_empty((out, (inn + 3) // 4), dtype=torch.uint8), w_real.new_empty((2,), dtype=torch.float32))
+
+
+@torch.library.register_fake("lowrank::ifairy_dequantize")
+def _ifairy_dequantize_fake(packed, scales, in_features):
+    op = "lowrank.ifairy_dequantize"
+    _check_packed_scales(op, packed, scales)
+    torch._check(in_features >= 0, lambda: f"{op}: in_features must be >= 0")
+    torch._check(packed.shape[1] == (in_features + 3) // 4,
+                 lambda: f"{op}: packed must be (out, ceil(in_features/4)) = (out, {(in_features + 3) // 4})")
+    shape = (packed.shape[0], in_features)
+    return packed.new_empty(shape, dtype=torch.float32), packed.new_empty(shape, dtype=torch.float32)
+
+
+@torch.library.register_fake("lowrank::ifairy_linear")
+def _ifairy_linear_fake(x_real, x_imag, packed, scales, act_quant=True):
+    op = "lowrank.ifairy_linear"
+    torch._check(x_real.dim() >= 1, lambda: f"{op}: x_real must have at least 1 dimension (..., in)")
+    torch._check(x_real.shape == x_imag.shape, lambda: f"{op}: x_real and x_imag must have the same shape")
+    torch._check(x_real.dtype in _FLOATS, lambda: f"{op}: x_real must be float32, float16 or bfloat16 (float64 on "
+                                                  f"CPU), got {x_real.dtype}")
+    torch._check(x_real.dtype == x_imag.dtype, lambda: f"{op}: x_real and x_imag must have the same dtype")
+    torch._check(x_real.device == x_imag.device, lambda: f"{op}: x_real and x_imag must be on the same device")
+    _check_packed_scales(op, packed, scales)
+    torch._check(x_real.device == packed.device, lambda: f"{op}: x_real and packed must be on the same device")
+    inn = x_real.shape[-1]
+    torch._check(packed.shape[1] == (inn + 3) // 4,
+                 lambda: f"{op}: packed must be (out, ceil(in/4)) for in = x's last dimension ({inn})")
+    shape = (*x_real.shape[:-1], packed.shape[0])
+    return x_real.new_empty(shape), x_real.new_empty(shape)
+
+
+# ------------------------------------------------------------------------------------------ autograd
+def _no_grad_setup(ctx, inputs, output):
+    pass
+
+
+def _refuse(public_name):
+    def _backward(ctx, *grads):
+        raise RuntimeError(f"{public_name} is inference only: it has no gradient (iFairy trains full-precision "
+                           "latent weights with straight-through estimators; run such training in float)")
+    return _backward
+
+
+for _name in OP_NAMES:
+    torch.library.register_autograd(f"lowrank::{_name}", _refuse(f"lowrank.{_name}"), setup_context=_no_grad_setup)
+del _name

@@ -1,4 +1,6 @@
 """Optimizers built on lowrank ops."""
 from __future__ import annotations
 
-__all__: list[str] = []
+from .galore import GaLoreAdamW, PerLayerStep, register_per_layer_step, shared_dct_basis
+
+__all__: list[str] = ["GaLoreAdamW", "PerLayerStep", "register_per_layer_step", "shared_dct_basis"]

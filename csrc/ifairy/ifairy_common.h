@@ -1,0 +1,131 @@
+// iFairy (Fairy±i) shape contract and the scalar rules shared by the CPU and CUDA kernels.
+//   Codes: 0 = -1, 1 = +1, 2 = -i, 3 = +i (bit 1 = imaginary axis, bit 0 = positive).
+//   packed: uint8 (out, ceil(in/4)); element j of a row sits in byte j/4 at bits 2·(j%4), low bits first;
+//   padding codes of the last byte are written 0 and ignored on read. scales: float32 [s_re, s_im].
+//   ifairy_linear: y = W·conj(x) per token; x_real, x_imag (..., in) -> y_real, y_imag (..., out).
+#pragma once
+#include <cmath>
+#include <cstdint>
+
+#include "common/checks.h"
+
+#if defined(__CUDACC__)
+#define LOWRANK_HD __host__ __device__ __forceinline__
+#else
+#define LOWRANK_HD inline
+#endif
+
+namespace lowrank {
+namespace ifairy {
+
+constexpr float kScaleMin = 1e-5f;  // clamp of both weight scales and of the activation absmax
+
+// PhaseQuant: the fourth root of unity nearest by phase, with iFairy's half-open sectors of
+// phase = atan2(wi, wr) ∈ (-π, π]:  [-π/4, π/4) -> +1, [π/4, 3π/4) -> +i, [-3π/4, -π/4) -> -i, else -1.
+// Written with exact comparisons (no atan2, so no rounding at the boundaries): 1+1i -> +i, 1-1i -> +1,
+// -1+1i -> -1, -1-1i -> -i. Zero (of either sign) -> +1 as angle(0) = 0; NaN -> -1.
+template <typename F>
+LOWRANK_HD uint32_t phase_code(F wr, F wi) {
+  if (wr > F(0) && wi < wr && wi >= -wr) return 1u;  // +1
+  if (wi > F(0) && wr <= wi && wr > -wi) return 3u;  // +i
+  if (wi < F(0) && wr >= wi && wr < -wi) return 2u;  // -i
+  if (wr == F(0) && wi == F(0)) return 1u;           // angle(0) = 0
+  return 0u;                                         // -1
+}
+
+// Per-token activation scale of iFairy's absmax int8 quantizer, 127 / max(absmax, 1e-5) in float32, rounded
+// the way PyTorch evaluates iFairy's `127.0 / x.abs().max(...).clamp_(min=1e-5)`: Tensor.__rtruediv__ is
+// reciprocal() then a multiply, fl(127·fl(1/m)), which can differ by one ulp from a correctly rounded 127/m
+// (and then flip a rounding tie of x·a).
+LOWRANK_HD float act_scale(float absmax) {
+  const float m = absmax > kScaleMin ? absmax : kScaleMin;
+#if defined(__CUDA_ARCH__)
+  return __fmul_rn(127.f, __frcp_rn(m));
+#else
+  const float r = 1.f / m;  // two roundings (no fast-math here, so never merged into one division)
+  return 127.f * r;
+#endif
+}
+
+// q = clamp(round_half_even(x·a), -128, 127) in float32. |x·a| <= 127 up to rounding, so q >= -127 in practice.
+LOWRANK_HD int32_t act_quant(float x, float a) {
+#if defined(__CUDA_ARCH__)
+  float r = rintf(x * a);
+#else
+  float r = std::nearbyint(x * a);
+#endif
+  r = r < -128.f ? -128.f : (r > 127.f ? 127.f : r);
+  return static_cast<int32_t>(r);
+}
+
+inline int64_t packed_width(int64_t in) { return (in + 3) / 4; }
+
+struct LinearDims {
+  int64_t T;    // tokens (product of x's leading dims)
+  int64_t in;   // x's last dimension
+  int64_t out;  // packed rows
+  int64_t nbytes;  // packed row width, ceil(in/4)
+};
+
+inline void check_packed_scales(const char* op, const Tensor& packed, const Tensor& scales) {
+  check_dim(op, packed, "packed", 2, "(out, ceil(in/4)) uint8");
+  STD_TORCH_CHECK(packed.scalar_type() == ScalarType::Byte, op, ": packed must be uint8, got ",
+                  torch::headeronly::toString(packed.scalar_type()));
+  STD_TORCH_CHECK(scales.scalar_type() == ScalarType::Float, op, ": scales must be float32 [s_re, s_im], got ",
+                  torch::headeronly::toString(scales.scalar_type()));
+  STD_TORCH_CHECK(scales.numel() == 2, op, ": scales must hold 2 elements [s_re, s_im], got ", scales.numel());
+  check_same_device(op, packed, "packed", scales, "scales");
+}
+
+inline LinearDims linear_dims(const char* op, const Tensor& xr, const Tensor& xi, const Tensor& packed,
+                              const Tensor& scales) {
+  STD_TORCH_CHECK(xr.dim() >= 1, op, ": x_real must have at least 1 dimension (..., in), got a 0-D tensor");
+  bool same_shape = xr.dim() == xi.dim();
+  for (int64_t d = 0; same_shape && d < xr.dim(); ++d) same_shape = xr.size(d) == xi.size(d);
+  STD_TORCH_CHECK(same_shape, op, ": x_real and x_imag must have the same shape");
+  check_float_dtype(op, xr, "x_real");
+  check_same_dtype(op, xr, "x_real", xi, "x_imag");
+  check_same_device(op, xr, "x_real", xi, "x_imag");
+  check_packed_scales(op, packed, scales);
+  check_same_device(op, xr, "x_real", packed, "packed");
+  LinearDims d;
+  d.in = xr.size(xr.dim() - 1);
+  d.out = packed.size(0);
+  d.nbytes = packed.size(1);
+  STD_TORCH_CHECK(d.nbytes == packed_width(d.in), op, ": packed must be (out, ceil(in/4)) = (out, ",
+                  packed_width(d.in), ") for in = x's last dimension (", d.in, "), got width ", d.nbytes);
+  d.T = d.in > 0 ? xr.numel() / d.in : 1;
+  if (d.in == 0) {  // numel is 0; count tokens from the leading dims
+    d.T = 1;
+    for (int64_t k = 0; k + 1 < xr.dim(); ++k) d.T *= xr.size(k);
+  }
+  return d;
+}
+
+inline void check_quantize_inputs(const char* op, const Tensor& wr, const Tensor& wi) {
+  check_dim(op, wr, "w_real", 2, "(out, in)");
+  check_dim(op, wi, "w_imag", 2, "(out, in)");
+  STD_TORCH_CHECK(wr.size(0) == wi.size(0) && wr.size(1) == wi.size(1), op,
+                  ": w_real and w_imag must have the same shape, got (", wr.size(0), ", ", wr.size(1), ") and (",
+                  wi.size(0), ", ", wi.size(1), ")");
+  check_float_dtype(op, wr, "w_real");
+  check_same_dtype(op, wr, "w_real", wi, "w_imag");
+  check_same_device(op, wr, "w_real", wi, "w_imag");
+}
+
+inline void check_dequantize_inputs(const char* op, const Tensor& packed, const Tensor& scales, int64_t in) {
+  check_packed_scales(op, packed, scales);
+  STD_TORCH_CHECK(in >= 0, op, ": in_features must be >= 0, got ", in);
+  STD_TORCH_CHECK(packed.size(1) == packed_width(in), op, ": packed must be (out, ceil(in_features/4)) = (out, ",
+                  packed_width(in), "), got width ", packed.size(1));
+}
+
+// Mean of |w| over the weights of one axis, clamped; an axis no weight was mapped to gets the clamp value.
+inline float axis_scale(double sum, int64_t count) {
+  const double m = count > 0 ? sum / static_cast<double>(count) : 0.0;
+  const float f = static_cast<float>(m);
+  return f > kScaleMin ? f : kScaleMin;
+}
+
+}  // namespace ifairy
+}  // namespace lowrank

@@ -1,0 +1,49 @@
+// The integer inner kernel of the CPU ifairy_linear (W2A8), in a portable and an AVX2 build
+// (ifairy_avx2.cpp, compiled with -mavx2 and chosen at run time by CPUID).
+//
+// For rows [r0, r1) of the packed weight and every token t it writes the four exact int32 sums
+//   sums[(t·out + r)·4 + 0..3] = A, B, C, D:
+//   A = Σ over ±1 weights of sign·q_r,  B = Σ over ±i of sign·q_i,
+//   C = Σ over ±1 weights of sign·q_i,  D = Σ over ±i of sign·q_r,
+// so that y_re = s_re·A/a_r + s_im·B/a_i and y_im = -s_re·C/a_i + s_im·D/a_r.
+// Int8 activations: q + t·2·in_pad holds q_r of token t (in_pad int8, zero beyond in), then q_i. in_pad is a
+// multiple of 32; the packed rows are read only within their nbytes = ceil(in/4) bytes.
+#pragma once
+#include <cstdint>
+
+namespace lowrank {
+namespace ifairy {
+
+constexpr int64_t kActPad = 32;
+
+struct Int8Problem {
+  const uint8_t* packed;
+  int64_t nbytes, out;
+  const int8_t* q;
+  int64_t in_pad, T;
+  int32_t* sums;
+};
+
+using Int8RowsKernel = void (*)(const Int8Problem& p, int64_t r0, int64_t r1);
+
+// act_quant=false in fp32: the same four sums of the activations themselves (fp32, no multiplies).
+// x + t·2·in_pad holds x_r of token t (in_pad floats, zero beyond in), then x_i; in_pad a multiple of 8.
+constexpr int64_t kFloatPad = 8;
+
+struct FloatProblem {
+  const uint8_t* packed;
+  int64_t nbytes, out;
+  const float* x;
+  int64_t in_pad, T;
+  float* sums;
+};
+
+using FloatRowsKernel = void (*)(const FloatProblem& p, int64_t r0, int64_t r1);
+
+namespace avx2 {
+void int8_rows(const Int8Problem& p, int64_t r0, int64_t r1);
+void float_rows(const FloatProblem& p, int64_t r0, int64_t r1);
+}
+
+}  // namespace ifairy
+}  // namespace lowrank
