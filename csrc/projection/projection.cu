@@ -24,7 +24,8 @@
 //   galore_project, bf16 / fp16 G: G is exact in 16 bits, P enters as hi + mid + lo 16-bit terms (three
 //     products; fp16: |P| < 1023, see kBScale; an orthonormal P qualifies). galore-torch instead rounds P.
 //   galore_update_, bf16 W: M and P both as three bf16 terms, six term products (error ~ an fp32 GEMM's).
-// fp32 G / W, fp16 W and basis_scores run SIMT fp32 FMA (exact fp32 products, no TF32).
+// fp32 G / W, fp16 W and basis_scores run SIMT fp32 FMA (exact fp32 products, no TF32); with the environment
+// variable LOWRANK_PROJECTION_FP32_TC=1, fp32 G (project) and fp32 W (update) take the six-product bf16 split too.
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/accelerator.h>
 #include <torch/csrc/stable/library.h>
@@ -38,6 +39,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -190,7 +193,9 @@ __device__ __forceinline__ void mma_16816_k8(float& c0, float& c1, float& c2, fl
 }
 
 // TA: A's element type. TW / TG: W's and G's types (update only; TG = void: no residual term).
-template <typename TA, int kEpi, typename TW, typename TG>
+// kFp32Tc: fp32 G (project) / fp32 W (update) also on tensor cores with the three-term bf16 split of both operands
+// (env LOWRANK_PROJECTION_FP32_TC=1; default SIMT).
+template <typename TA, int kEpi, typename TW, typename TG, bool kFp32Tc>
 __global__ void __launch_bounds__(kThreads, 2) sim_gemm_kernel(GemmArgs p, EpiArgs e) {
   __shared__ __align__(16) float smem[2 * kBK * kPadM + 2 * kBK * kPadN];
   float* As = smem;                      // [2][kBK][kPadM]
@@ -202,7 +207,9 @@ __global__ void __launch_bounds__(kThreads, 2) sim_gemm_kernel(GemmArgs p, EpiAr
   // products with weight >= 2^-16·(hi·hi) (hi·hi, hi·mid, mid·hi, hi·lo, mid·mid, lo·hi): fp32-level back(M).
   // (fp16 W stays on SIMT: fp16's exponent range cannot hold the terms of a small M.)
   constexpr bool kMmaProject = !std::is_same<TA, float>::value && kEpi == kEpiProject;
-  constexpr bool kSplitA = kEpi == kEpiUpdate && std::is_same<TW, __nv_bfloat16>::value;
+  constexpr bool kSplitA =
+      (kEpi == kEpiUpdate && (std::is_same<TW, __nv_bfloat16>::value || (kFp32Tc && std::is_same<TW, float>::value))) ||
+      (kEpi == kEpiProject && kFp32Tc && std::is_same<TA, float>::value);
   constexpr bool kMma = kMmaProject || kSplitA;
   using TM = std::conditional_t<kMmaProject, TA, __nv_bfloat16>;  // the mma input type
   // fp16 B is split after a 2^6 scale (undone on acc before the epilogue; both exact) so the smallest term stays
@@ -537,12 +544,25 @@ void check_dims(const char* op, int64_t M, int64_t N, int64_t K) {
                   ": a GEMM dimension exceeds 2^31 (M=", M, ", N=", N, ", K=", K, ")");
 }
 
+bool fp32_on_tensor_cores() {
+  static const bool on = [] {
+    const char* v = std::getenv("LOWRANK_PROJECTION_FP32_TC");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
+  return on;
+}
+
 template <typename TA, int kEpi, typename TW = float, typename TG = void>
 void launch_gemm(const char* op, const GemmArgs& p, const EpiArgs& e, int splits, cudaStream_t stream) {
   const int64_t n_tiles = (p.N + kBN - 1) / kBN, m_tiles = (p.M + kBM - 1) / kBM;
   STD_TORCH_CHECK(m_tiles <= 65535 && splits <= 65535, op, ": too many row tiles (", m_tiles, ") for the grid");
   const dim3 grid(static_cast<unsigned>(n_tiles), static_cast<unsigned>(m_tiles), static_cast<unsigned>(splits));
-  sim_gemm_kernel<TA, kEpi, TW, TG><<<grid, kThreads, 0, stream>>>(p, e);
+  constexpr bool kHasFp32Tc = (kEpi == kEpiProject && std::is_same<TA, float>::value) ||
+                              (kEpi == kEpiUpdate && std::is_same<TW, float>::value);
+  if (kHasFp32Tc && fp32_on_tensor_cores())
+    sim_gemm_kernel<TA, kEpi, TW, TG, kHasFp32Tc><<<grid, kThreads, 0, stream>>>(p, e);
+  else
+    sim_gemm_kernel<TA, kEpi, TW, TG, false><<<grid, kThreads, 0, stream>>>(p, e);
   check_cuda(cudaGetLastError(), op, "GEMM launch");
 }
 
