@@ -13,16 +13,19 @@
 //                   The blocks of output column tile 0 also sum the squares of their A tile from shared
 //                   memory: sqnorms come from the same read of G (per split, added in the same reduce).
 //   galore_update_  A = M or P, B = P or M, K = r; the epilogue reads W (and G, residual_scale) and writes
-//                   W = decay·(W - C - s ⊙ G) in place, 4 consecutive columns per access (16 / 8 bytes).
+//                   W = decay·(W - C - s ⊙ G) in place (SIMT: 4 consecutive columns per 16 / 8-byte access).
 //                   Each W element belongs to exactly one thread of one block: no races.
 //   basis_scores    A = G or Gᵀ, B = Qᵀ, K = k; the epilogue reduces |C| over the tile's rows (registers, then
 //                   16 partial rows in shared memory added in order) into partial[m_tile][col]; a second
 //                   kernel adds the m-tile partials in order. Deterministic, no atomics.
 //   adam_lowrank_   elementwise, grid-stride.   dct_basis_  one thread per element, cospi in double of
 //                   (i·(2j+1) mod 4n) / 2n, exact integer reduction.
-// galore_project with bf16 / fp16 G computes on tensor cores (mma.sync m16n8k8, fp32 accumulate): G is exact in
-// 16 bits and P enters as hi + mid + lo 16-bit terms (three products), so R matches an fp32 product of the exact
-// G (fp16: |P| < 1023, see kBScale; an orthonormal P qualifies). Everything else is SIMT fp32.
+// Tensor cores (mma.sync m16n8k8, fp32 accumulate) where a 16-bit type is involved, at fp32-level accuracy:
+//   galore_project, bf16 / fp16 G: G is exact in 16 bits, P enters as hi + mid + lo 16-bit terms (three
+//     products; fp16: |P| < 1023, see kBScale; an orthonormal P qualifies). galore-torch instead rounds P.
+//   galore_update_, bf16 W: M and P both as three bf16 terms, six term products (error ~ an fp32 GEMM's).
+// fp32 G / W, fp16 W and basis_scores run SIMT fp32 FMA (exact fp32 products, no TF32); with the environment
+// variable LOWRANK_PROJECTION_FP32_TC=1, fp32 G (project) and fp32 W (update) take the six-product bf16 split too.
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/accelerator.h>
 #include <torch/csrc/stable/library.h>
@@ -36,6 +39,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <optional>
 #include <tuple>
@@ -188,7 +193,9 @@ __device__ __forceinline__ void mma_16816_k8(float& c0, float& c1, float& c2, fl
 }
 
 // TA: A's element type. TW / TG: W's and G's types (update only; TG = void: no residual term).
-template <typename TA, int kEpi, typename TW, typename TG>
+// kFp32Tc: fp32 G (project) / fp32 W (update) also on tensor cores with the three-term bf16 split of both operands
+// (env LOWRANK_PROJECTION_FP32_TC=1; default SIMT).
+template <typename TA, int kEpi, typename TW, typename TG, bool kFp32Tc>
 __global__ void __launch_bounds__(kThreads, 2) sim_gemm_kernel(GemmArgs p, EpiArgs e) {
   __shared__ __align__(16) float smem[2 * kBK * kPadM + 2 * kBK * kPadN];
   float* As = smem;                      // [2][kBK][kPadM]
@@ -196,10 +203,18 @@ __global__ void __launch_bounds__(kThreads, 2) sim_gemm_kernel(GemmArgs p, EpiAr
   // 16-bit A in galore_project: tensor cores, A exact, B (P, fp32) as the sum of three 16-bit terms (split3), so R
   // keeps fp32-level accuracy (galore-torch instead rounds P to 16 bits); 8 warps as 2 (M) x 4 (N), each 64 x 32 =
   // 4 x 4 mma tiles. Otherwise SIMT fp32: 16 x 16 threads, 8 x 8 outputs each.
-  constexpr bool kMma = !std::is_same<TA, float>::value && kEpi == kEpiProject;
+  // galore_update_ with bf16 W: tensor cores too, both fp32 operands (M, P) as three bf16 terms and the six term
+  // products with weight >= 2^-16·(hi·hi) (hi·hi, hi·mid, mid·hi, hi·lo, mid·mid, lo·hi): fp32-level back(M).
+  // (fp16 W stays on SIMT: fp16's exponent range cannot hold the terms of a small M.)
+  constexpr bool kMmaProject = !std::is_same<TA, float>::value && kEpi == kEpiProject;
+  constexpr bool kSplitA =
+      (kEpi == kEpiUpdate && (std::is_same<TW, __nv_bfloat16>::value || (kFp32Tc && std::is_same<TW, float>::value))) ||
+      (kEpi == kEpiProject && kFp32Tc && std::is_same<TA, float>::value);
+  constexpr bool kMma = kMmaProject || kSplitA;
+  using TM = std::conditional_t<kMmaProject, TA, __nv_bfloat16>;  // the mma input type
   // fp16 B is split after a 2^6 scale (undone on acc before the epilogue; both exact) so the smallest term stays
   // clear of fp16's subnormals for |P| ~ 1/sqrt(n); this needs |P| < 1023.
-  constexpr float kBScale = std::is_same<TA, __half>::value ? 64.f : 1.f;
+  constexpr float kBScale = kMmaProject && std::is_same<TA, __half>::value ? 64.f : 1.f;
   const int tid = threadIdx.x, tx = tid & 15, ty = tid >> 4;
   const int lane = tid & 31, wm = (tid >> 5) & 1, wn = tid >> 6, lg = lane >> 2, lt = lane & 3;
   const int n0 = blockIdx.x * kBN, m0 = blockIdx.y * kBM, split = blockIdx.z;
@@ -277,26 +292,42 @@ __global__ void __launch_bounds__(kThreads, 2) sim_gemm_kernel(GemmArgs p, EpiAr
       }
       if constexpr (kMma) {
         static_assert(kBK == 8, "one m16n8k8 step per K tile");
-        uint32_t af[4][2], bf[4][3];
-#pragma unroll
-        for (int mi = 0; mi < 4; ++mi) {
-          const int r = wm * 64 + mi * 16 + lg;
-          af[mi][0] = pack2<TA>(as[(2 * lt) * kPadM + r], as[(2 * lt + 1) * kPadM + r]);
-          af[mi][1] = pack2<TA>(as[(2 * lt) * kPadM + r + 8], as[(2 * lt + 1) * kPadM + r + 8]);
-        }
+        uint32_t bf[4][3];
 #pragma unroll
         for (int ni = 0; ni < 4; ++ni) {
           const int c = wn * 32 + ni * 8 + lg;
-          split3<TA>(bs[(2 * lt) * kPadN + c] * kBScale, bs[(2 * lt + 1) * kPadN + c] * kBScale, bf[ni]);
+          split3<TM>(bs[(2 * lt) * kPadN + c] * kBScale, bs[(2 * lt + 1) * kPadN + c] * kBScale, bf[ni]);
         }
 #pragma unroll
-        for (int mi = 0; mi < 4; ++mi)
+        for (int mi = 0; mi < 4; ++mi) {
+          const int r = wm * 64 + mi * 16 + lg;
+          float (&c)[8] = acc[2 * mi];
+          float (&d)[8] = acc[2 * mi + 1];
+          if constexpr (kSplitA) {
+            uint32_t a0[3], a1[3];
+            split3<TM>(as[(2 * lt) * kPadM + r], as[(2 * lt + 1) * kPadM + r], a0);
+            split3<TM>(as[(2 * lt) * kPadM + r + 8], as[(2 * lt + 1) * kPadM + r + 8], a1);
 #pragma unroll
-          for (int ni = 0; ni < 4; ++ni)
+            for (int ni = 0; ni < 4; ++ni) {
+              float &c0 = c[2 * ni], &c1 = c[2 * ni + 1], &c2 = d[2 * ni], &c3 = d[2 * ni + 1];
+              // term products (a, b) with a + b <= 2, smallest first
+              mma_16816_k8<TM>(c0, c1, c2, c3, a0[2], a1[2], bf[ni][0]);
+              mma_16816_k8<TM>(c0, c1, c2, c3, a0[1], a1[1], bf[ni][1]);
+              mma_16816_k8<TM>(c0, c1, c2, c3, a0[0], a1[0], bf[ni][2]);
+              mma_16816_k8<TM>(c0, c1, c2, c3, a0[1], a1[1], bf[ni][0]);
+              mma_16816_k8<TM>(c0, c1, c2, c3, a0[0], a1[0], bf[ni][1]);
+              mma_16816_k8<TM>(c0, c1, c2, c3, a0[0], a1[0], bf[ni][0]);
+            }
+          } else {
+            const uint32_t a0 = pack2<TM>(as[(2 * lt) * kPadM + r], as[(2 * lt + 1) * kPadM + r]);
+            const uint32_t a1 = pack2<TM>(as[(2 * lt) * kPadM + r + 8], as[(2 * lt + 1) * kPadM + r + 8]);
 #pragma unroll
-            for (int s = 2; s >= 0; --s)  // smallest term first
-              mma_16816_k8<TA>(acc[2 * mi][2 * ni], acc[2 * mi][2 * ni + 1], acc[2 * mi + 1][2 * ni],
-                               acc[2 * mi + 1][2 * ni + 1], af[mi][0], af[mi][1], bf[ni][s]);
+            for (int ni = 0; ni < 4; ++ni)
+#pragma unroll
+              for (int s = 2; s >= 0; --s)  // smallest term first
+                mma_16816_k8<TM>(c[2 * ni], c[2 * ni + 1], d[2 * ni], d[2 * ni + 1], a0, a1, bf[ni][s]);
+          }
+        }
       } else {
 #pragma unroll
       for (int kk = 0; kk < kBK; ++kk) {
@@ -345,6 +376,28 @@ __global__ void __launch_bounds__(kThreads, 2) sim_gemm_kernel(GemmArgs p, EpiAr
       }
     }
     if (want_sq && tid < kBM && m0 + tid < p.M) e.sq[split * e.sq_split_stride + m0 + tid] = sq;
+  } else if constexpr (kEpi == kEpiUpdate && kMma) {
+    // mma layout: pairs of adjacent columns per thread; scalar accesses (a quad of lanes covers 16 contiguous
+    // bytes of a row, and the neighbouring ni covers the rest of the 32-byte sector right after)
+    TW* w = static_cast<TW*>(e.w);
+#pragma unroll
+    for (int i = 0; i < 8; ++i) {
+      const int row = row_of(i);
+      if (row >= p.M) continue;
+      const float srow = (!std::is_void<TG>::value && !e.scale_per_col) ? e.scale[row] : 0.f;
+#pragma unroll
+      for (int j = 0; j < 8; ++j) {
+        const int col = col_at(j);
+        if (col >= p.N) continue;
+        const int64_t off = static_cast<int64_t>(row) * p.N + col;
+        float res = 0.f;
+        if constexpr (!std::is_void<TG>::value) {
+          const float sv = e.scale_per_col ? e.scale[col] : srow;
+          res = sv * ld_f32(static_cast<const TG*>(e.g) + off);
+        }
+        w[off] = from_f32<TW>(e.decay * (ld_f32(w + off) - acc[i][j] - res));
+      }
+    }
   } else if constexpr (kEpi == kEpiUpdate) {
     TW* w = static_cast<TW*>(e.w);
     const int64_t ld = p.N;
@@ -491,12 +544,25 @@ void check_dims(const char* op, int64_t M, int64_t N, int64_t K) {
                   ": a GEMM dimension exceeds 2^31 (M=", M, ", N=", N, ", K=", K, ")");
 }
 
+bool fp32_on_tensor_cores() {
+  static const bool on = [] {
+    const char* v = std::getenv("LOWRANK_PROJECTION_FP32_TC");
+    return v != nullptr && std::strcmp(v, "1") == 0;
+  }();
+  return on;
+}
+
 template <typename TA, int kEpi, typename TW = float, typename TG = void>
 void launch_gemm(const char* op, const GemmArgs& p, const EpiArgs& e, int splits, cudaStream_t stream) {
   const int64_t n_tiles = (p.N + kBN - 1) / kBN, m_tiles = (p.M + kBM - 1) / kBM;
   STD_TORCH_CHECK(m_tiles <= 65535 && splits <= 65535, op, ": too many row tiles (", m_tiles, ") for the grid");
   const dim3 grid(static_cast<unsigned>(n_tiles), static_cast<unsigned>(m_tiles), static_cast<unsigned>(splits));
-  sim_gemm_kernel<TA, kEpi, TW, TG><<<grid, kThreads, 0, stream>>>(p, e);
+  constexpr bool kHasFp32Tc = (kEpi == kEpiProject && std::is_same<TA, float>::value) ||
+                              (kEpi == kEpiUpdate && std::is_same<TW, float>::value);
+  if (kHasFp32Tc && fp32_on_tensor_cores())
+    sim_gemm_kernel<TA, kEpi, TW, TG, kHasFp32Tc><<<grid, kThreads, 0, stream>>>(p, e);
+  else
+    sim_gemm_kernel<TA, kEpi, TW, TG, false><<<grid, kThreads, 0, stream>>>(p, e);
   check_cuda(cudaGetLastError(), op, "GEMM launch");
 }
 

@@ -214,7 +214,7 @@ void dct_fill(T* q, int64_t n) {
     for (int64_t i = begin; i < end; ++i) {
       const double s = i == 0 ? norm * row0 : norm;
       for (int64_t j = 0; j < n; ++j) {
-        const int64_t p = static_cast<int64_t>((static_cast<unsigned __int128>(i) * (2 * j + 1)) % period);
+        const int64_t p = (i * (2 * j + 1)) % period;  // < 2n² < 2^63: an n x n Q never has n near 2^31
         q[i * n + j] = static_cast<T>(s * std::cos(unit * static_cast<double>(p)));
       }
     }

@@ -27,7 +27,9 @@ def galore_project(G: torch.Tensor, P: torch.Tensor, left: bool, want_sqnorms: b
     ``want_sqnorms=False`` the second output is an empty ``(0,)`` tensor.
 
     G: float32 / bfloat16 / float16 (float64 on CPU), any strides. P: float32 (float64 iff G is float64).
-    Outputs in P's dtype. Accumulation in fp32 (fp64). Returns ``(R, sqnorms)``.
+    Outputs in P's dtype. Accumulation in fp32 (fp64). On CUDA a 16-bit G runs on tensor cores with P entering as
+    three 16-bit terms, so R keeps fp32-level accuracy (galore-torch rounds P to G's dtype instead); for float16 G
+    that needs ``|P| < 1023`` (any orthonormal P). Returns ``(R, sqnorms)``.
     """
     return torch.ops.lowrank.galore_project(G, P, bool(left), bool(want_sqnorms))
 
