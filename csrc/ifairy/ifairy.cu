@@ -202,13 +202,21 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_w2a8_kernel(PackedView p
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int8_t* q = q_global;
   const float* a = a_global;
+  const int64_t words = (pv.nbytes + 3) / 4;
   if constexpr (FUSED) {
+    // The weights do not depend on the activations: start pulling this warp's first row (up to 512 bytes)
+    // toward L1 while the block quantizes the tokens.
+    const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kGemvWarps + warp;
+    if (r0 < out)
+      for (int64_t w = lane; w < words && w < 128; w += 32)
+        asm volatile("prefetch.global.L1 [%0];" ::"l"(pv.base + r0 * pv.nbytes + 4 * w));
     float mx[2 * NT];
 #pragma unroll
     for (int v = 0; v < 2 * NT; ++v) {
       mx[v] = 0.f;
       if (v < 2 * T_) {
         const T* x = ((v & 1) ? xi : xr) + static_cast<int64_t>(v >> 1) * in;
+#pragma unroll 4
         for (int64_t j = threadIdx.x; j < in; j += blockDim.x) mx[v] = fmaxf(mx[v], fabsf(to_f(x[j])));
       }
 #pragma unroll
@@ -226,6 +234,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_w2a8_kernel(PackedView p
     for (int v = 0; v < 2 * T_; ++v) {
       const T* x = ((v & 1) ? xi : xr) + static_cast<int64_t>(v >> 1) * in;
       const float av = a_smem[v];
+#pragma unroll 4
       for (int64_t p = threadIdx.x; p < in_pad; p += blockDim.x) {
         const int64_t src = (p & ~int64_t(15)) + 4 * (p & 3) + ((p >> 2) & 3);  // see act_quant_kernel
         q_smem[v * in_pad + p] = src < in ? static_cast<int8_t>(act_quant(to_f(x[src]), av)) : int8_t(0);
@@ -235,7 +244,6 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_w2a8_kernel(PackedView p
     q = q_smem;
     a = a_smem;
   }
-  const int64_t words = (pv.nbytes + 3) / 4;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kGemvWarps + warp; r < out;
        r += static_cast<int64_t>(gridDim.x) * kGemvWarps) {
     int32_t acc[NT][4];
