@@ -111,7 +111,7 @@ template <int K>
 __device__ __forceinline__ void decode_slot(uint32_t w, uint32_t& re, uint32_t& im) {
   const uint32_t pos = msb_to_byte_mask(w << (7 - 2 * K));   // 0xFF where the code is positive
   const uint32_t axis = msb_to_byte_mask(w << (6 - 2 * K));  // 0xFF on the imaginary axis
-  const uint32_t sgn = ~pos | 0x01010101u;                          // +1 / -1 per byte
+  const uint32_t sgn = ~pos | 0x01010101u;                   // +1 / -1 per byte
   re = sgn & ~axis;
   im = sgn & axis;
 }
