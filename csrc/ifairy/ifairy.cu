@@ -9,7 +9,7 @@
 //   masks and one LOP3 builds a word of four int8 weights in {-1, 0, +1} per axis: no lookup table.
 //   T <= 16, gemv_w2a8_kernel (decode, memory/latency bound): one warp per output row; lane l reads packed
 //     words l, l+32, ... (128 coalesced bytes a warp step) and __dp4a adds every token's int8 activations
-//     into int32, so all tokens are served by one read of the weights. For T <= 4 (and 2·T·in_pad <= 48 KiB)
+//     into int32, so all tokens are served by one read of the weights. For T <= 4 (and 2·T·in_pad <= 46 KiB)
 //     each block quantizes the tokens into shared memory itself: one launch, no scratch. Otherwise
 //     act_quant_kernel (one block per token and part) writes q and a to a scratch first.
 //   T > 16, prefill_w2a8_kernel: int8 tensor cores, mma.sync m16n8k32 s8·s8 -> s32 (exact). A block owns
@@ -185,7 +185,7 @@ __device__ __forceinline__ void store_output(T* yr, T* yi, int64_t idx, float s_
 // ------------------------------------------------------------------------------ decode (T <= 16)
 constexpr int kGemvWarps = 8;
 constexpr int kFusedMaxTokens = 4;
-constexpr int64_t kFusedSmemBytes = 48 * 1024;
+constexpr int64_t kFusedSmemBytes = 46 * 1024;  // + the static arrays, under the 48 KiB a block gets by default
 
 // Rows r = blockIdx.x·8 + warp, stepping by gridDim.x·8. Lane l takes packed words l, l+32, ... of the row
 // (128 coalesced bytes a warp step) and, per token, the 16 matching permuted int8 activations of each part.
