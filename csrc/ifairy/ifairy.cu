@@ -9,7 +9,7 @@
 //   masks and one LOP3 builds a word of four int8 weights in {-1, 0, +1} per axis: no lookup table.
 //   T <= 16, gemv_w2a8_kernel (decode, memory/latency bound): one warp per output row; lane l reads packed
 //     words l, l+32, ... (128 coalesced bytes a warp step) and __dp4a adds every token's int8 activations
-//     into int32, so all tokens are served by one read of the weights. For T <= 4 (and 2·T·in_pad <= 48 KiB)
+//     into int32, so all tokens are served by one read of the weights. For T <= 4 (and 2·T·in_pad <= 46 KiB)
 //     each block quantizes the tokens into shared memory itself: one launch, no scratch. Otherwise
 //     act_quant_kernel (one block per token and part) writes q and a to a scratch first.
 //   T > 16, prefill_w2a8_kernel: int8 tensor cores, mma.sync m16n8k32 s8·s8 -> s32 (exact). A block owns
@@ -111,7 +111,7 @@ template <int K>
 __device__ __forceinline__ void decode_slot(uint32_t w, uint32_t& re, uint32_t& im) {
   const uint32_t pos = msb_to_byte_mask(w << (7 - 2 * K));   // 0xFF where the code is positive
   const uint32_t axis = msb_to_byte_mask(w << (6 - 2 * K));  // 0xFF on the imaginary axis
-  const uint32_t sgn = ~pos | 0x01010101u;                          // +1 / -1 per byte
+  const uint32_t sgn = ~pos | 0x01010101u;                   // +1 / -1 per byte
   re = sgn & ~axis;
   im = sgn & axis;
 }
@@ -185,7 +185,7 @@ __device__ __forceinline__ void store_output(T* yr, T* yi, int64_t idx, float s_
 // ------------------------------------------------------------------------------ decode (T <= 16)
 constexpr int kGemvWarps = 8;
 constexpr int kFusedMaxTokens = 4;
-constexpr int64_t kFusedSmemBytes = 48 * 1024;
+constexpr int64_t kFusedSmemBytes = 46 * 1024;  // + the static arrays, under the 48 KiB a block gets by default
 
 // Rows r = blockIdx.x·8 + warp, stepping by gridDim.x·8. Lane l takes packed words l, l+32, ... of the row
 // (128 coalesced bytes a warp step) and, per token, the 16 matching permuted int8 activations of each part.
@@ -202,13 +202,21 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_w2a8_kernel(PackedView p
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
   const int8_t* q = q_global;
   const float* a = a_global;
+  const int64_t words = (pv.nbytes + 3) / 4;
   if constexpr (FUSED) {
+    // The weights do not depend on the activations: start pulling this warp's first row (up to 512 bytes)
+    // toward L1 while the block quantizes the tokens.
+    const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kGemvWarps + warp;
+    if (r0 < out)
+      for (int64_t w = lane; w < words && w < 128; w += 32)
+        asm volatile("prefetch.global.L1 [%0];" ::"l"(pv.base + r0 * pv.nbytes + 4 * w));
     float mx[2 * NT];
 #pragma unroll
     for (int v = 0; v < 2 * NT; ++v) {
       mx[v] = 0.f;
       if (v < 2 * T_) {
         const T* x = ((v & 1) ? xi : xr) + static_cast<int64_t>(v >> 1) * in;
+#pragma unroll 4
         for (int64_t j = threadIdx.x; j < in; j += blockDim.x) mx[v] = fmaxf(mx[v], fabsf(to_f(x[j])));
       }
 #pragma unroll
@@ -226,6 +234,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_w2a8_kernel(PackedView p
     for (int v = 0; v < 2 * T_; ++v) {
       const T* x = ((v & 1) ? xi : xr) + static_cast<int64_t>(v >> 1) * in;
       const float av = a_smem[v];
+#pragma unroll 4
       for (int64_t p = threadIdx.x; p < in_pad; p += blockDim.x) {
         const int64_t src = (p & ~int64_t(15)) + 4 * (p & 3) + ((p >> 2) & 3);  // see act_quant_kernel
         q_smem[v * in_pad + p] = src < in ? static_cast<int8_t>(act_quant(to_f(x[src]), av)) : int8_t(0);
@@ -235,7 +244,6 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_w2a8_kernel(PackedView p
     q = q_smem;
     a = a_smem;
   }
-  const int64_t words = (pv.nbytes + 3) / 4;
   for (int64_t r = static_cast<int64_t>(blockIdx.x) * kGemvWarps + warp; r < out;
        r += static_cast<int64_t>(gridDim.x) * kGemvWarps) {
     int32_t acc[NT][4];

@@ -48,13 +48,13 @@ LOWRANK_HD float act_scale(float absmax) {
 }
 
 // q = clamp(round_half_even(x·a), -128, 127) in float32. |x·a| <= 127 up to rounding, so q >= -127 in practice.
+// (fmin/fmax also turn a NaN from a non-finite input into a defined value instead of an undefined cast.)
 LOWRANK_HD int32_t act_quant(float x, float a) {
 #if defined(__CUDA_ARCH__)
-  float r = rintf(x * a);
+  const float r = fminf(fmaxf(rintf(x * a), -128.f), 127.f);
 #else
-  float r = std::nearbyint(x * a);
+  const float r = std::fmin(std::fmax(std::nearbyint(x * a), -128.f), 127.f);
 #endif
-  r = r < -128.f ? -128.f : (r > 127.f ? 127.f : r);
   return static_cast<int32_t>(r);
 }
 

@@ -2,7 +2,8 @@
 //
 // ifairy_linear with act_quant (W2A8): every token's real and imaginary parts are quantized once to int8
 // (absmax, float32, round half to even) into a zero-padded scratch; the integer kernel of
-// ifairy_cpu_kernels.h (AVX2 when CPUID says so, else the portable loop below) produces the exact int32
+// ifairy_cpu_kernels.h (AVX2 when CPUID says so, else the portable loop below; env
+// LOWRANK_IFAIRY_CPU_KERNEL=portable forces the latter, read once per process) produces the exact int32
 // sums A, B, C, D per (token, row) by adding and subtracting activations only; the scales are applied in
 // double at the end. act_quant=false: the activations stay floating point (fp32, fp64 for float64) and are
 // added or subtracted per weight code (AVX2: 8 fp32 lanes, sign by XOR, axis by AND; deterministic for a
@@ -14,6 +15,7 @@
 
 #include <algorithm>
 #include <cmath>
+#include <cstdlib>
 #include <cstring>
 #include <tuple>
 #include <type_traits>
@@ -129,9 +131,20 @@ void int8_rows_portable(const Int8Problem& p, int64_t r0, int64_t r1) {
   }
 }
 
+// AVX2 when the CPU has it; env LOWRANK_IFAIRY_CPU_KERNEL=portable forces the portable loops (for tests).
+bool use_avx2() {
+  const char* env = std::getenv("LOWRANK_IFAIRY_CPU_KERNEL");
+  if (env != nullptr && std::strcmp(env, "portable") == 0) return false;
+#if defined(LOWRANK_HAVE_AVX2_TU)
+  return __builtin_cpu_supports("avx2");
+#else
+  return false;
+#endif
+}
+
 Int8RowsKernel pick_int8_kernel() {
 #if defined(LOWRANK_HAVE_AVX2_TU)
-  if (__builtin_cpu_supports("avx2")) return &avx2::int8_rows;
+  if (use_avx2()) return &avx2::int8_rows;
 #endif
   return &int8_rows_portable;
 }
@@ -208,7 +221,7 @@ void float_rows_portable(const FloatProblem& p, int64_t r0, int64_t r1) {
 
 FloatRowsKernel pick_float_kernel() {
 #if defined(LOWRANK_HAVE_AVX2_TU)
-  if (__builtin_cpu_supports("avx2")) return &avx2::float_rows;
+  if (use_avx2()) return &avx2::float_rows;
 #endif
   return &float_rows_portable;
 }
