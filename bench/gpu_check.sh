@@ -9,7 +9,7 @@
 #
 # OUTDIR gets at most 8 files (setup.log pytest.log sanitizer.log bench.log bench_<dev>.json/.md/.png
 # summary.txt), so a lent machine that returns 8 files can send all of it back.
-# The whole run stays under GPU_CHECK_BUDGET_S seconds (default 480, inside an 8-minute slot); the last step
+# The whole run stays under GPU_CHECK_BUDGET_S seconds (default 540, inside a 9-minute slot); the last step
 # times the environment-selected CUDA paths against each other (bench/ab_paths.py, AB_CONFIGS).
 # PYTHON overrides the interpreter (default: ./.venv/bin/python if present, else python3).
 set -u
@@ -23,7 +23,7 @@ mkdir -p "$OUTDIR" && OUTDIR=$(cd "$OUTDIR" && pwd)
 cd "$(dirname "$0")/.." || exit 2  # repo root: tests/ and bench/ come from the working tree
 PY=${PYTHON:-$([ -x .venv/bin/python ] && echo "$PWD/.venv/bin/python" || echo python3)}
 export PYTHONUNBUFFERED=1
-BUDGET=${GPU_CHECK_BUDGET_S:-480}
+BUDGET=${GPU_CHECK_BUDGET_S:-540}
 START=$SECONDS
 NAMES=() STATUS=() NOTES=()
 
@@ -111,7 +111,7 @@ if [ "$CUDA" != 1 ]; then
 elif [ ! -d tests ]; then
     record pytest-cuda SKIP "no tests/ folder in the working tree"
 else
-    run_step 120 "$PYTEST_LOG" "$PY" -m pytest -m cuda tests -q -rfEs -p no:cacheprovider
+    run_step 180 "$PYTEST_LOG" "$PY" -m pytest -m cuda tests -q -rfEs -p no:cacheprovider
     LAST=$(grep -E '(passed|failed|error|no tests ran)' "$PYTEST_LOG" | tail -1)
     case $RC in
         0) record pytest-cuda PASS "$LAST" ;;
@@ -150,7 +150,7 @@ elif [ -z "$SAN" ]; then
 else
     echo "$SAN" >>"$SAN_LOG"
     # Without the caching allocator every tensor is its own allocation, so memcheck sees overruns.
-    run_step 120 "$SAN_LOG" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool memcheck --error-exitcode 99 \
+    run_step 150 "$SAN_LOG" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool memcheck --error-exitcode 99 \
         --print-limit 20 "$PY" bench/sanitizer_smoke.py
     if grep -q "Device not supported" "$SAN_LOG"; then record memcheck SKIP "sanitizer: device not supported here"
     else case $RC in
@@ -166,7 +166,7 @@ BENCH_LOG=$OUTDIR/bench.log
 : >"$BENCH_LOG"
 BENCH_ARGS=(--device cuda) BENCH=bench-cuda
 [ "$CUDA" = 1 ] || BENCH_ARGS=(--device cpu --quick) BENCH="bench-cpu-quick (dry run)"
-run_step 240 "$BENCH_LOG" "$PY" -m lowrank.bench "${BENCH_ARGS[@]}" --out "$OUTDIR"
+run_step 300 "$BENCH_LOG" "$PY" -m lowrank.bench "${BENCH_ARGS[@]}" --out "$OUTDIR"
 case $RC in
     0) record "$BENCH" PASS "every row matches the float64 reference" ;;
     1) record "$BENCH" FAIL "a correctness check failed (bench.log)" ;;

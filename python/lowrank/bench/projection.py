@@ -27,7 +27,8 @@ refresh row checks that the selected rows carry the top-r score mass of the floa
 CUDA grid: shapes 4096x4096, 11008x4096, 4096x11008; ranks 128, 256, 512 (Fira: 128); fp32 and bf16; refresh at
 4096x11008. CPU runs use the 7B shapes divided by 4, rank 128, Fira on the square shape only, refresh at
 1024x2752 (an SVD of 4096x11008 takes minutes on a few cores). Quick: one 512x384 r64 fp32 GaLore row.
-The compiled baseline costs a compile per row (tens of seconds); LOWRANK_BENCH_NO_COMPILE=1 skips it.
+The compiled baseline costs a compile per row (tens of seconds), so it is timed on the square rank-128 rows
+only (4096x4096 on CUDA, 1024x1024 on a CPU); LOWRANK_BENCH_NO_COMPILE=1 skips it.
 """
 from __future__ import annotations
 
@@ -75,6 +76,9 @@ def cases(device: str, quick: bool) -> list[Case]:
     out += [Case("refresh", *refresh, 128, dt) for dt in dtypes]
     return out
 
+
+# the rows that also time galore-torch under torch.compile (each costs a compile of tens of seconds)
+SQUARE = {True: (4096, 4096), False: (1024, 1024)}
 
 _bandwidth: dict[str, float | None] = {}
 
@@ -173,6 +177,9 @@ def _floor_ms(case: Case, device: str, transfers_G: int) -> tuple[float | None, 
 def _compiled_baseline(W0, G, P, case, device, row):
     if not COMPILE:
         row["compile_note"] = "skipped (LOWRANK_BENCH_NO_COMPILE)"
+        return
+    if (case.m, case.n) != SQUARE[device.startswith("cuda")] or case.rank != 128:
+        row["compile_note"] = "compiled baseline timed on the square rank-128 rows only (a compile per row)"
         return
     torch._dynamo.reset()
     W, opt = _galore_torch(W0, G, P, case)
