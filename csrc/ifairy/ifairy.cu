@@ -711,6 +711,9 @@ std::tuple<Tensor, Tensor> linear_cuda(Tensor x_real, Tensor x_imag, Tensor pack
       check_cuda(cudaGetLastError(), kLinear, "gemv_w2a8 (fused) launch");
       return;
     }
+    // the prefill grid's y dimension holds the token tiles: refuse before allocating or launching anything
+    STD_TORCH_CHECK(d.T <= 16 || (d.T + kPBM - 1) / kPBM <= 65535, kLinear, ": at most ", int64_t(65535) * kPBM,
+                    " tokens a call, got ", d.T);
     Tensor q = torch::stable::new_empty(xr, {d.T * 2 * in_pad}, ScalarType::Char);
     Tensor a = torch::stable::new_empty(xr, {d.T * 2}, ScalarType::Float);
     int8_t* qp = static_cast<int8_t*>(q.mutable_data_ptr());
@@ -723,7 +726,6 @@ std::tuple<Tensor, Tensor> linear_cuda(Tensor x_real, Tensor x_imag, Tensor pack
       check_cuda(cudaGetLastError(), kLinear, "gemv_w2a8 launch");
     } else {
       const dim3 grid(static_cast<unsigned>((d.out + kPBN - 1) / kPBN), static_cast<unsigned>((d.T + kPBM - 1) / kPBM));
-      STD_TORCH_CHECK(grid.y <= 65535u, kLinear, ": at most ", 65535 * kPBM, " tokens a call, got ", d.T);
       prefill_w2a8_kernel<T><<<grid, 256, 0, stream>>>(pv, d.out, d.T, qp, in_pad, ap, s, yrp, yip);
       check_cuda(cudaGetLastError(), kLinear, "prefill_w2a8 launch");
     }

@@ -309,23 +309,30 @@ __global__ void __launch_bounds__(kThreads, 2) sim_gemm_kernel(GemmArgs p, EpiAr
             split3<TM>(as[(2 * lt) * kPadM + r + 8], as[(2 * lt + 1) * kPadM + r + 8], a1);
 #pragma unroll
             for (int ni = 0; ni < 4; ++ni) {
-              float &c0 = c[2 * ni], &c1 = c[2 * ni + 1], &c2 = d[2 * ni], &c3 = d[2 * ni + 1];
-              // term products (a, b) with a + b <= 2, smallest first
-              mma_16816_k8<TM>(c0, c1, c2, c3, a0[2], a1[2], bf[ni][0]);
-              mma_16816_k8<TM>(c0, c1, c2, c3, a0[1], a1[1], bf[ni][1]);
-              mma_16816_k8<TM>(c0, c1, c2, c3, a0[0], a1[0], bf[ni][2]);
-              mma_16816_k8<TM>(c0, c1, c2, c3, a0[1], a1[1], bf[ni][0]);
-              mma_16816_k8<TM>(c0, c1, c2, c3, a0[0], a1[0], bf[ni][1]);
-              mma_16816_k8<TM>(c0, c1, c2, c3, a0[0], a1[0], bf[ni][0]);
+              // This K step's term products (a, b) with a + b <= 2, smallest first, into a zeroed local
+              // accumulator, added to the running one with one round-to-nearest fp32 add: tensor cores
+              // truncate inside their accumulation (Fasi et al. 2021), so chaining every K step through the
+              // MMA accumulator would let that one-sided error grow with K.
+              float t0 = 0.f, t1 = 0.f, t2 = 0.f, t3 = 0.f;
+              mma_16816_k8<TM>(t0, t1, t2, t3, a0[2], a1[2], bf[ni][0]);
+              mma_16816_k8<TM>(t0, t1, t2, t3, a0[1], a1[1], bf[ni][1]);
+              mma_16816_k8<TM>(t0, t1, t2, t3, a0[0], a1[0], bf[ni][2]);
+              mma_16816_k8<TM>(t0, t1, t2, t3, a0[1], a1[1], bf[ni][0]);
+              mma_16816_k8<TM>(t0, t1, t2, t3, a0[0], a1[0], bf[ni][1]);
+              mma_16816_k8<TM>(t0, t1, t2, t3, a0[0], a1[0], bf[ni][0]);
+              c[2 * ni] += t0, c[2 * ni + 1] += t1, d[2 * ni] += t2, d[2 * ni + 1] += t3;
             }
           } else {
             const uint32_t a0 = pack2<TM>(as[(2 * lt) * kPadM + r], as[(2 * lt + 1) * kPadM + r]);
             const uint32_t a1 = pack2<TM>(as[(2 * lt) * kPadM + r + 8], as[(2 * lt + 1) * kPadM + r + 8]);
 #pragma unroll
-            for (int ni = 0; ni < 4; ++ni)
+            for (int ni = 0; ni < 4; ++ni) {
+              float t0 = 0.f, t1 = 0.f, t2 = 0.f, t3 = 0.f;  // per-K-step accumulator, as above
 #pragma unroll
               for (int s = 2; s >= 0; --s)  // smallest term first
-                mma_16816_k8<TM>(c[2 * ni], c[2 * ni + 1], d[2 * ni], d[2 * ni + 1], a0, a1, bf[ni][s]);
+                mma_16816_k8<TM>(t0, t1, t2, t3, a0, a1, bf[ni][s]);
+              c[2 * ni] += t0, c[2 * ni + 1] += t1, d[2 * ni] += t2, d[2 * ni + 1] += t3;
+            }
           }
         }
       } else {

@@ -99,6 +99,8 @@ inline ProjDims check_update_args(const Tensor& W, const Tensor& M, const Tensor
     check_dim(op, *G, "G", 2, "(m, n)");
     check_float_dtype(op, *G, "G");
     check_same_device(op, W, "W", *G, "G");
+    STD_TORCH_CHECK(!(G->is_cuda() && G->scalar_type() == ScalarType::Double), op,
+                    ": G must be float32, bfloat16 or float16 on CUDA (float64 G only on the CPU)");
     STD_TORCH_CHECK(G->size(0) == d.m && G->size(1) == d.n, op, ": G must have W's shape (", d.m, ", ", d.n,
                     "), got (", G->size(0), ", ", G->size(1), ")");
     check_companion_dtype(op, *residual_scale, "residual_scale", W, "W");

@@ -60,7 +60,7 @@ def galore_update_(W: torch.Tensor, M: torch.Tensor, P: torch.Tensor, left: bool
     ``M = step_size·α·N - c·α·φ⊙R`` and ``residual_scale = c·φ`` (so the residual ``G - α·back(R)`` is never formed).
 
     W: float32 / bfloat16 / float16 (float64 on CPU), contiguous. M, P, residual_scale: float32 (float64 iff W is
-    float64). G: W's shape, any float dtype.
+    float64). G: W's shape, float32 / bfloat16 / float16 (float64 too on the CPU).
     """
     torch.ops.lowrank.galore_update_(W, M, P, bool(left), float(decay), G, residual_scale)
 
