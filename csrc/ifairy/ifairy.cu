@@ -44,6 +44,7 @@
 #include <limits>
 #include <tuple>
 
+#include "common/cuda_dispatch.cuh"
 #include "ifairy/ifairy_common.h"
 
 namespace lowrank {
@@ -75,15 +76,6 @@ constexpr const char* kDequant = "lowrank.ifairy_dequantize";
 constexpr const char* kLinear = "lowrank.ifairy_linear";
 constexpr int64_t kInPad = 64;  // activations padded to whole 16-byte packed chunks
 
-template <typename F>
-void dispatch_dtype(const char* op, ScalarType st, F&& f) {
-  switch (st) {
-    case ScalarType::Float: f(float{}); break;
-    case ScalarType::Half: f(__half{}); break;
-    case ScalarType::BFloat16: f(__nv_bfloat16{}); break;
-    default: STD_TORCH_CHECK(false, op, ": unsupported dtype on CUDA");
-  }
-}
 
 __device__ __forceinline__ float to_f(float v) { return v; }
 __device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
@@ -139,6 +131,17 @@ __device__ __forceinline__ uint32_t load_word(const PackedView& v, int64_t r, in
   for (int i = 0; i < 4; ++i)
     if (abs + i < v.total) o |= static_cast<uint32_t>(__ldg(v.base + abs + i)) << (8 * i);
   return o;
+}
+
+// Sums every accumulator over the warp; each lane ends with the totals.
+template <int NT, typename A>
+__device__ __forceinline__ void warp_sum(A (&acc)[NT][4]) {
+#pragma unroll
+  for (int t = 0; t < NT; ++t)
+#pragma unroll
+    for (int k = 0; k < 4; ++k)
+#pragma unroll
+      for (int o = 16; o > 0; o >>= 1) acc[t][k] += __shfl_xor_sync(0xffffffffu, acc[t][k], o);
 }
 
 // ----------------------------------------------------------------------------------- activations
@@ -280,12 +283,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_w2a8_kernel(PackedView p
         }
       }
     }
-#pragma unroll
-    for (int t = 0; t < NT; ++t)
-#pragma unroll
-      for (int k = 0; k < 4; ++k)
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) acc[t][k] += __shfl_xor_sync(0xffffffffu, acc[t][k], o);
+    warp_sum(acc);
     if (lane == 0) {
       const float s_re = scales[0], s_im = scales[1];
 #pragma unroll
@@ -463,12 +461,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) linear_float_kernel(PackedVie
         }
       }
     }
-#pragma unroll
-    for (int t = 0; t < kFloatTokens; ++t)
-#pragma unroll
-      for (int k = 0; k < 4; ++k)
-#pragma unroll
-        for (int o = 16; o > 0; o >>= 1) acc[t][k] += __shfl_xor_sync(0xffffffffu, acc[t][k], o);
+    warp_sum(acc);
     if (lane == 0) {
       const float s_re = scales[0], s_im = scales[1];
 #pragma unroll
@@ -590,7 +583,7 @@ std::tuple<Tensor, Tensor> quantize_cuda(Tensor w_real, Tensor w_imag) {
   Tensor counts = torch::stable::new_empty(wr, {rows}, ScalarType::Long);
   if (out > 0) {
     const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(out, 65535));
-    dispatch_dtype(kQuant, wr.scalar_type(), [&](auto tag) {
+    dispatch_cuda_float(kQuant, wr.scalar_type(), [&](auto tag) {
       using T = decltype(tag);
       quantize_rows_kernel<T><<<blocks, 256, 0, stream>>>(
           static_cast<const T*>(wr.const_data_ptr()), static_cast<const T*>(wi.const_data_ptr()), out, in, nb,
@@ -686,7 +679,7 @@ std::tuple<Tensor, Tensor> linear_cuda(Tensor x_real, Tensor x_imag, Tensor pack
   const cudaStream_t stream = current_stream(dev);
   const uint8_t* pbase = static_cast<const uint8_t*>(pk.const_data_ptr());
   const float* s = static_cast<const float*>(sc.const_data_ptr());
-  dispatch_dtype(kLinear, xr.scalar_type(), [&](auto tag) {
+  dispatch_cuda_float(kLinear, xr.scalar_type(), [&](auto tag) {
     using T = decltype(tag);
     const T* xrp = static_cast<const T*>(xr.const_data_ptr());
     const T* xip = static_cast<const T*>(xi.const_data_ptr());

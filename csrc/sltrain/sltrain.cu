@@ -50,6 +50,7 @@
 #include <tuple>
 #include <vector>
 
+#include "common/cuda_dispatch.cuh"
 #include "common/gemm_runner.cuh"
 #include "common/strided_gemm.cuh"
 #include "sltrain/sltrain_common.h"
@@ -130,15 +131,6 @@ __global__ void __launch_bounds__(kColX* kColY) colsum_kernel(const T* __restric
 }
 
 // ------------------------------------------------------------------------------------- host helpers
-template <typename F>
-void dispatch_dtype(const char* op, ScalarType st, F&& f) {
-  switch (st) {
-    case ScalarType::Float: f(float{}); break;
-    case ScalarType::Half: f(__half{}); break;
-    case ScalarType::BFloat16: f(__nv_bfloat16{}); break;
-    default: STD_TORCH_CHECK(false, op, ": unsupported dtype on CUDA");
-  }
-}
 
 template <typename F>
 void dispatch_index(const Tensor& indices, F&& f) {
@@ -199,7 +191,7 @@ void compute_weight(const GemmRunner& R, const SLTrainDims& d, const Tensor& A, 
   R.run1(operand(B, d.r, 1), operand(A, 1, d.in), output(W, d.in, 1), d.out, d.in, d.r, static_cast<float>(scale));
   if (d.nnz == 0) return;
   const int64_t total = d.out * d.in;
-  dispatch_dtype(R.op, R.st, [&](auto ttag) {
+  dispatch_cuda_float(R.op, R.st, [&](auto ttag) {
     using T = decltype(ttag);
     dispatch_index(idx, [&](auto itag) {
       using I = decltype(itag);
@@ -225,7 +217,7 @@ void column_sum(const GemmRunner& R, const SLTrainDims& d, const Tensor& dy, con
   const dim3 grid(static_cast<unsigned>(xblocks), static_cast<unsigned>(splits));
   const dim3 block(kColX, kColY);
   cudaError_t e = cudaSuccess;
-  dispatch_dtype(R.op, R.st, [&](auto ttag) {
+  dispatch_cuda_float(R.op, R.st, [&](auto ttag) {
     using T = decltype(ttag);
     colsum_kernel<T><<<grid, block, 0, R.stream>>>(static_cast<const T*>(dy.const_data_ptr()), wsp, d.T, d.out, rps);
     e = cudaGetLastError();
@@ -309,7 +301,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sltrain_linear_backward_cuda(
             /*allow_split=*/true, &scratch);
       if (need_grad_values && d.nnz > 0) {
         const int64_t total = d.out * d.in;
-        dispatch_dtype(op, R.st, [&](auto ttag) {
+        dispatch_cuda_float(op, R.st, [&](auto ttag) {
           using T = decltype(ttag);
           dispatch_index(ic, [&](auto itag) {
             using I = decltype(itag);
