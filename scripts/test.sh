@@ -8,7 +8,7 @@ bash scripts/setup.sh
 WHEEL=$(ls dist/lowrank-*.whl)
 
 echo "== tests (torch 2.14.1)"
-.venv/bin/python -m pytest tests -q -p no:cacheprovider
+LOWRANK_REQUIRE_GALORE_TORCH=1 .venv/bin/python -m pytest tests -q -p no:cacheprovider
 
 echo "== main job smoke run (python -m lowrank.bench --quick)"
 .venv/bin/python -m lowrank.bench --quick --device cpu --out build/bench-smoke

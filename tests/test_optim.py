@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import copy
 import io
+import os
 import warnings
 
 import pytest
@@ -21,7 +22,13 @@ from lowrank.reference import projected_adamw_step_reference
 
 from conftest import devices
 
-galore_torch = pytest.importorskip("galore_torch")
+try:  # a test dependency (scripts/setup.sh installs it); without it only the parity test is skipped,
+    import galore_torch  # unless LOWRANK_REQUIRE_GALORE_TORCH=1 (scripts/test.sh's main run) makes that an error
+except ImportError:
+    if os.environ.get("LOWRANK_REQUIRE_GALORE_TORCH") == "1":
+        raise
+    galore_torch = None
+needs_galore_torch = pytest.mark.skipif(galore_torch is None, reason="galore-torch is not installed")
 
 LR, WD, ALPHA, GAP, RANK = 1e-2, 0.1, 0.25, 2, 6
 # one right-projected (m ≥ n) and one left-projected (m < n) weight, odd sizes
@@ -71,6 +78,7 @@ def max_rel(a, b) -> float:
 @pytest.mark.parametrize("proj_type", ["std", "reverse_std", "right", "left"])
 @pytest.mark.parametrize("correct_bias", [True, False])
 @pytest.mark.parametrize("device", devices)
+@needs_galore_torch
 def test_galore_matches_galore_torch(device, correct_bias, proj_type):
     init, grads = make_problem(device, steps=5)
     kw = {"correct_bias": correct_bias}
