@@ -7,7 +7,8 @@
 // sums A, B, C, D per (token, row) by adding and subtracting activations only; the scales are applied in
 // double at the end. act_quant=false: the activations stay floating point (fp32, fp64 for float64) and are
 // added or subtracted per weight code (AVX2: 8 fp32 lanes, sign by XOR, axis by AND; deterministic for a
-// given machine). Both are parallel over rows.
+// given machine), or, from kFloatGemmTokens tokens on, multiplied on the GEMM engine against fp32 weight
+// chunks decoded from the codes (linear_float_gemm). Both are parallel over rows.
 // Quantize: parallel over rows; per-row sums of |w| (double) and counts are combined in row order, so the
 // scales do not depend on the thread count.
 #include <torch/csrc/stable/library.h>
@@ -22,6 +23,7 @@
 #include <vector>
 
 #include "common/cpu_dispatch.h"
+#include "common/cpu_gemm.h"
 #include "ifairy/ifairy_common.h"
 #include "ifairy/ifairy_cpu_kernels.h"
 
@@ -250,6 +252,80 @@ void linear_float(const LinearDims& d, const T* xr, const T* xi, const uint8_t* 
     }
 }
 
+// Float activations with many tokens: the add/subtract kernel above re-reads every token per weight code
+// and loses to a blocked GEMM once a weight chunk is reused by a few dozen tokens, so from kFloatGemmTokens
+// on the weight is decoded chunk by chunk into an fp32 (rows, 2·in) block [s_re·Wr | s_im·Wi] and multiplied
+// on the shared GEMM engine: rows 0..T-1 of A = [x_re | x_im] give y_re, rows T..2T-1 = [-x_im | x_re] give
+// y_im (y = W·conj(x)). Chunks of kGemmChunkRows rows bound the scratch; the result is deterministic and
+// independent of the thread count (the engine's K order is fixed). LOWRANK_IFAIRY_CPU_FLOAT=adds keeps the
+// add/subtract kernel at every token count (tests use it to cover both).
+constexpr int64_t kFloatGemmTokens = 40;  // the crossover measured on the dev box (2048², 5460x2048)
+constexpr int64_t kGemmChunkRows = 512;
+
+bool float_gemm_allowed() {
+  static const bool allowed = [] {
+    const char* v = std::getenv("LOWRANK_IFAIRY_CPU_FLOAT");
+    return !(v != nullptr && std::strcmp(v, "adds") == 0);
+  }();
+  return allowed;
+}
+
+template <typename T>
+void linear_float_gemm(const LinearDims& d, const T* xr, const T* xi, const uint8_t* packed, float s_re,
+                       float s_im, T* yr, T* yi) {
+  const int64_t K = 2 * d.in, M = 2 * d.T;
+  std::vector<float> a(static_cast<size_t>(M * K));
+  torch::stable::parallel_for(0, d.T, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t) {
+      float* re_row = &a[t * K];
+      float* im_row = &a[(d.T + t) * K];
+      for (int64_t j = 0; j < d.in; ++j) {
+        const float vr = static_cast<float>(xr[t * d.in + j]), vi = static_cast<float>(xi[t * d.in + j]);
+        re_row[j] = vr, re_row[d.in + j] = vi;
+        im_row[j] = -vi, im_row[d.in + j] = vr;
+      }
+    }
+  });
+  // one packed byte -> its 4 (Wr, Wi) values, scales included: the decode is a copy per byte
+  float lut_r[256][4], lut_i[256][4];
+  for (int b = 0; b < 256; ++b)
+    for (int e = 0; e < 4; ++e) {
+      const uint32_t code = (static_cast<uint32_t>(b) >> (2 * e)) & 3u;
+      const float sign = (code & 1u) ? 1.f : -1.f;
+      lut_r[b][e] = (code & 2u) ? 0.f : sign * s_re;
+      lut_i[b][e] = (code & 2u) ? sign * s_im : 0.f;
+    }
+  const int64_t chunk = std::min(kGemmChunkRows, d.out);
+  std::vector<float> w(static_cast<size_t>(chunk * K)), c(static_cast<size_t>(M * chunk));
+  for (int64_t r0 = 0; r0 < d.out; r0 += chunk) {
+    const int64_t rows = std::min(chunk, d.out - r0);
+    torch::stable::parallel_for(0, rows, 16, [&](int64_t q0, int64_t q1) {
+      for (int64_t q = q0; q < q1; ++q) {
+        const uint8_t* row = packed + (r0 + q) * d.nbytes;
+        float* wr = &w[q * K];
+        float* wi = wr + d.in;
+        const int64_t whole = d.in / 4;
+        for (int64_t b = 0; b < whole; ++b) {
+          std::memcpy(wr + 4 * b, lut_r[row[b]], sizeof(lut_r[0]));
+          std::memcpy(wi + 4 * b, lut_i[row[b]], sizeof(lut_i[0]));
+        }
+        for (int64_t j = 4 * whole; j < d.in; ++j) {  // the last partial byte
+          wr[j] = lut_r[row[j >> 2]][j & 3];
+          wi[j] = lut_i[row[j >> 2]][j & 3];
+        }
+      }
+    });
+    // C (M x rows) = A (M x K) · chunkᵀ: B's element (k, n) is w[n·K + k]
+    strided_batched_gemm<float>(1, M, rows, K, operand<const float>(a.data(), 0, K, 1),
+                                operand<const float>(w.data(), 0, 1, K), operand<float>(c.data(), 0, rows, 1));
+    for (int64_t t = 0; t < d.T; ++t)
+      for (int64_t q = 0; q < rows; ++q) {
+        yr[t * d.out + r0 + q] = static_cast<T>(c[t * rows + q]);
+        yi[t * d.out + r0 + q] = static_cast<T>(c[(d.T + t) * rows + q]);
+      }
+  }
+}
+
 // float64: the same sums in double, scalar.
 void linear_double(const LinearDims& d, const double* xr, const double* xi, const uint8_t* packed, float s_re,
                    float s_im, double* yr, double* yi) {
@@ -293,6 +369,8 @@ std::tuple<Tensor, Tensor> linear_cpu(Tensor x_real, Tensor x_imag, Tensor packe
       linear_w2a8<T>(d, ptr(xr), ptr(xi), p, s[0], s[1], ptr(yr), ptr(yi));
     } else if constexpr (std::is_same_v<T, double>) {
       linear_double(d, ptr(xr), ptr(xi), p, s[0], s[1], ptr(yr), ptr(yi));
+    } else if (d.T >= kFloatGemmTokens && float_gemm_allowed()) {
+      linear_float_gemm<T>(d, ptr(xr), ptr(xi), p, s[0], s[1], ptr(yr), ptr(yi));
     } else {
       linear_float<T>(d, ptr(xr), ptr(xi), p, s[0], s[1], ptr(yr), ptr(yi));
     }
