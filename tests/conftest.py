@@ -42,6 +42,24 @@ def pytest_collection_modifyitems(config, items):
             item.add_marker(pytest.mark.cuda)
 
 
+def noncontiguous_like(t: torch.Tensor, kind: str) -> torch.Tensor:
+    """A non-contiguous view holding t's values."""
+    if kind == "transposed":
+        view = t.transpose(-1, -2).contiguous().transpose(-1, -2)
+    elif kind == "sliced":
+        big = torch.zeros(*t.shape[:-1], 2 * t.shape[-1] + 1, dtype=t.dtype, device=t.device)
+        big[..., 1::2] = t
+        view = big[..., 1::2]
+    elif kind == "leading_sliced":
+        big = torch.zeros(2 * t.shape[0], *t.shape[1:], dtype=t.dtype, device=t.device)
+        big[::2] = t
+        view = big[::2]
+    else:
+        raise ValueError(kind)
+    assert not view.is_contiguous() and torch.equal(view, t)
+    return view
+
+
 @pytest.fixture(autouse=True)
 def _seed():
     """Every test starts from the same RNG state, whatever ran before it."""

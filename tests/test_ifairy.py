@@ -26,7 +26,7 @@ from lowrank.reference import (ifairy_dequantize_reference, ifairy_linear_refere
                                ifairy_pack_codes, ifairy_quantize_activations_reference, ifairy_quantize_reference,
                                ifairy_unpack_codes)
 
-from conftest import HAS_CUDA, devices
+from conftest import HAS_CUDA, devices, noncontiguous_like
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 BAD_INPUT_ERRORS = (RuntimeError, ValueError, TypeError)
@@ -126,19 +126,6 @@ def integer_x(tokens: int, fin: int, dtype, device):
         return q
     q_r, q_i = part(), part()
     return q_r, q_i, q_r.to(device=device, dtype=dtype), q_i.to(device=device, dtype=dtype)
-
-
-def noncontiguous_like(t: torch.Tensor, kind: str) -> torch.Tensor:
-    if kind == "transposed":
-        view = t.transpose(-1, -2).contiguous().transpose(-1, -2)
-    elif kind == "sliced":
-        big = torch.zeros(*t.shape[:-1], 2 * t.shape[-1] + 1, dtype=t.dtype, device=t.device)
-        big[..., 1::2] = t
-        view = big[..., 1::2]
-    else:
-        raise ValueError(kind)
-    assert not view.is_contiguous() and torch.equal(view, t)
-    return view
 
 
 # ------------------------------------------------------------------------------------------------------------

@@ -19,7 +19,7 @@ from lowrank.nn import MonarchLinear
 from lowrank.nn.monarch import monarch_factor_shapes, project_to_monarch
 from lowrank.reference import monarch_matmul_bmm, monarch_matmul_reference, monarch_to_dense
 
-from conftest import HAS_CUDA, devices
+from conftest import HAS_CUDA, devices, noncontiguous_like
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 RTOL = {torch.float64: 1e-10, torch.float32: 1e-4}
@@ -148,24 +148,6 @@ def monarch_dense_independent(w1: torch.Tensor, w2: torch.Tensor) -> torch.Tenso
     w1, w2 = as64(w1, w2)
     p1, p2 = monarch_permutations(*w2.shape)
     return (block_diag_matrix(w2) @ block_diag_matrix(w1)[p1])[p2]
-
-
-def noncontiguous_like(t: torch.Tensor, kind: str) -> torch.Tensor:
-    """A non-contiguous view holding t's values."""
-    if kind == "transposed":
-        view = t.transpose(-1, -2).contiguous().transpose(-1, -2)
-    elif kind == "sliced":
-        big = torch.zeros(*t.shape[:-1], 2 * t.shape[-1] + 1, dtype=t.dtype, device=t.device)
-        big[..., 1::2] = t
-        view = big[..., 1::2]
-    elif kind == "leading_sliced":
-        big = torch.zeros(2 * t.shape[0], *t.shape[1:], dtype=t.dtype, device=t.device)
-        big[::2] = t
-        view = big[::2]
-    else:
-        raise ValueError(kind)
-    assert not view.is_contiguous() and torch.equal(view, t)
-    return view
 
 
 def grads_of_reference64(x, w1, w2, grad_out):

@@ -22,7 +22,7 @@ import lowrank
 from lowrank.nn import SLTrainLinear, convert_to_sltrain
 from lowrank.reference import sltrain_linear_reference, sltrain_weight
 
-from conftest import HAS_CUDA, devices
+from conftest import HAS_CUDA, devices, noncontiguous_like
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 # Relative Frobenius error ‖ours − truth‖ / ‖truth‖ allowed for the full-precision dtypes (TF32 off).
@@ -199,20 +199,6 @@ def closed_form_grads64(inputs: dict, grad_out) -> dict:
     if p["bias"] is not None:
         out["bias"] = dy.sum(0)
     return out
-
-
-def noncontiguous_like(t: torch.Tensor, kind: str) -> torch.Tensor:
-    """A non-contiguous view holding t's values."""
-    if kind == "transposed":
-        view = t.transpose(-1, -2).contiguous().transpose(-1, -2)
-    elif kind == "sliced":
-        big = torch.zeros(*t.shape[:-1], 2 * t.shape[-1] + 1, dtype=t.dtype, device=t.device)
-        big[..., 1::2] = t
-        view = big[..., 1::2]
-    else:
-        raise ValueError(kind)
-    assert not view.is_contiguous() and torch.equal(view, t)
-    return view
 
 
 # --------------------------------------------------------------------------------------------------------------

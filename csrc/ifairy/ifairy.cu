@@ -476,6 +476,22 @@ __global__ void __launch_bounds__(kGemvWarps * 32) linear_float_kernel(PackedVie
 }
 
 // ------------------------------------------------------------------------------------ quantize
+// Fixed-order tree sums of three per-thread values over a 256-thread block (deterministic); thread 0
+// reads the totals from element 0. Every thread of the block must call it.
+__device__ __forceinline__ void block_sum3(double* red_re, double* red_im, long long* red_n, double sre, double sim,
+                                           long long n) {
+  red_re[threadIdx.x] = sre, red_im[threadIdx.x] = sim, red_n[threadIdx.x] = n;
+  __syncthreads();
+  for (int s = 128; s > 0; s >>= 1) {
+    if (threadIdx.x < s) {
+      red_re[threadIdx.x] += red_re[threadIdx.x + s];
+      red_im[threadIdx.x] += red_im[threadIdx.x + s];
+      red_n[threadIdx.x] += red_n[threadIdx.x + s];
+    }
+    __syncthreads();
+  }
+}
+
 // One block (256 threads) per row: codes packed a byte per thread-iteration; per-row |w| sums and counts.
 template <typename T>
 __global__ void __launch_bounds__(256) quantize_rows_kernel(const T* __restrict__ wr, const T* __restrict__ wi,
@@ -506,16 +522,7 @@ __global__ void __launch_bounds__(256) quantize_rows_kernel(const T* __restrict_
       }
       packed[r * nb + b] = static_cast<uint8_t>(byte);
     }
-    red_re[threadIdx.x] = sre, red_im[threadIdx.x] = sim, red_n[threadIdx.x] = n;
-    __syncthreads();
-    for (int s = 128; s > 0; s >>= 1) {
-      if (threadIdx.x < s) {
-        red_re[threadIdx.x] += red_re[threadIdx.x + s];
-        red_im[threadIdx.x] += red_im[threadIdx.x + s];
-        red_n[threadIdx.x] += red_n[threadIdx.x + s];
-      }
-      __syncthreads();
-    }
+    block_sum3(red_re, red_im, red_n, sre, sim, n);
     if (threadIdx.x == 0) sums[2 * r] = red_re[0], sums[2 * r + 1] = red_im[0], counts[r] = red_n[0];
     __syncthreads();
   }
@@ -530,16 +537,7 @@ __global__ void __launch_bounds__(256) quantize_scales_kernel(const double* __re
   double sre = 0.0, sim = 0.0;
   long long n = 0;
   for (int64_t r = threadIdx.x; r < out; r += blockDim.x) sre += sums[2 * r], sim += sums[2 * r + 1], n += counts[r];
-  red_re[threadIdx.x] = sre, red_im[threadIdx.x] = sim, red_n[threadIdx.x] = n;
-  __syncthreads();
-  for (int s = 128; s > 0; s >>= 1) {
-    if (threadIdx.x < s) {
-      red_re[threadIdx.x] += red_re[threadIdx.x + s];
-      red_im[threadIdx.x] += red_im[threadIdx.x + s];
-      red_n[threadIdx.x] += red_n[threadIdx.x + s];
-    }
-    __syncthreads();
-  }
+  block_sum3(red_re, red_im, red_n, sre, sim, n);
   if (threadIdx.x == 0) {
     const long long n_re = red_n[0], n_im = static_cast<long long>(out * in) - red_n[0];
     const float m_re = static_cast<float>(n_re > 0 ? red_re[0] / static_cast<double>(n_re) : 0.0);
