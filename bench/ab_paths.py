@@ -2,10 +2,12 @@
 
     LOWRANK_CUBLAS=1 python bench/ab_paths.py --tag cublas
 
-The switches are read once per process (LOWRANK_CUBLAS, LOWRANK_MONARCH_F1, LOWRANK_MONARCH_FUSED), so
+The switches are read once per process (LOWRANK_CUBLAS, LOWRANK_MONARCH_F1, LOWRANK_MONARCH_FUSED,
+LOWRANK_PROJECTION_FP32_TC), so
 bench/gpu_check.sh runs this script once per configuration and the table it prints lets the defaults be
 chosen from measurements. Every timed call is first checked against the float64 reference; a mismatch is
-printed as FAIL (and the exit code is 1). bf16, 8192 tokens, same shapes as the main Monarch/SLTrain rows.
+printed as FAIL (and the exit code is 1). Monarch/SLTrain: bf16, 8192 tokens, the main rows' shapes; GaLore:
+one GaLoreAdamW step (rank r, projector given, no refresh) of an fp32 or bf16 weight.
 """
 from __future__ import annotations
 
@@ -25,6 +27,7 @@ MONARCH = [  # (tokens, n_in, n_out, nblocks) -> fly's square factor shapes
     (8192, 8192, 8192, 4), (8192, 8192, 8192, 64), (8192, 768, 3072, 4),
 ]
 SLTRAIN = [(8192, 2048, 2048, 512, 0.03)]
+GALORE = [(4096, 4096, 128, torch.float32), (11008, 4096, 256, torch.float32), (4096, 4096, 128, torch.bfloat16)]
 
 
 def monarch_factors(n_in, n_out, nb, device):
@@ -85,6 +88,37 @@ def main() -> int:
         out.append(row)
         print(f"{args.tag:>14} sltrain {row['shape']:>18}        fwd {fwd:8.4f} ms  fwd+bwd {both:8.4f} ms  "
               f"err {err:.1e} {row['check']}", flush=True)
+    galore_shapes = [(96, 64, 8, torch.float32)] if args.small else GALORE
+    for m, n, r, dt in galore_shapes:
+        from lowrank.optim import GaLoreAdamW
+        from lowrank.reference import projected_adamw_step_reference
+        gen = torch.Generator().manual_seed(0)
+        W0 = (torch.randn(m, n, generator=gen) * 0.02).to(dev, dt)
+        G = (torch.randn(m, n, generator=gen) * 0.01).to(dev, dt)
+        q, _ = torch.linalg.qr(torch.randn(n, r, generator=gen, dtype=torch.float64))  # right side: m >= n
+        P = q.T.contiguous()
+        W = torch.nn.Parameter(W0.clone())
+        W.grad = G.clone()
+        group = {"params": [W], "rank": r, "update_proj_gap": 10**9, "scale": 0.25, "proj_type": "std"}
+        opt = GaLoreAdamW([group], lr=1e-3)
+        opt.state[W].update(step=1, P=P.float().to(dev))
+        opt.step()
+        W64 = W0.double().clone()
+        state = {"step": 1, "P": P.to(dev)}
+        projected_adamw_step_reference(W64, G.double(), state, lr=1e-3, rank=r, update_proj_gap=10**9, scale=0.25,
+                                       fira=False)
+        if dt == torch.float32:
+            err = rel(W.detach() - W0, W64 - W0.double())
+        else:
+            err = rel(W.detach(), W64)
+        ms = time_ms(opt.step, dev)
+        good = err < (1e-4 if dt == torch.float32 else 2.0 ** -8)
+        ok &= good
+        row = dict(tag=args.tag, op="galore", shape=f"{m}x{n} r{r} {str(dt)[6:]}", nb=0, fwd_ms=ms, fwdbwd_ms=None,
+                   err=err, check="PASS" if good else "FAIL", env=env)
+        out.append(row)
+        print(f"{args.tag:>14} galore  {row['shape']:>18}        step {ms:8.4f} ms  err {err:.1e} {row['check']}",
+              flush=True)
     if args.json:
         with open(args.json, "a") as f:
             for row in out:

@@ -9,7 +9,7 @@
 #
 # OUTDIR gets at most 8 files (setup.log pytest.log sanitizer.log bench.log bench_<dev>.json/.md/.png
 # summary.txt), so a lent machine that returns 8 files can send all of it back.
-# The whole run stays under GPU_CHECK_BUDGET_S seconds (default 540, inside a 9-minute slot); the last step
+# The whole run stays under GPU_CHECK_BUDGET_S seconds (default 570, inside the 10-minute limit of one device call); the last step
 # times the environment-selected CUDA paths against each other (bench/ab_paths.py, AB_CONFIGS).
 # PYTHON overrides the interpreter (default: ./.venv/bin/python if present, else python3).
 set -u
@@ -23,7 +23,7 @@ mkdir -p "$OUTDIR" && OUTDIR=$(cd "$OUTDIR" && pwd)
 cd "$(dirname "$0")/.." || exit 2  # repo root: tests/ and bench/ come from the working tree
 PY=${PYTHON:-$([ -x .venv/bin/python ] && echo "$PWD/.venv/bin/python" || echo python3)}
 export PYTHONUNBUFFERED=1
-BUDGET=${GPU_CHECK_BUDGET_S:-540}
+BUDGET=${GPU_CHECK_BUDGET_S:-570}
 START=$SECONDS
 NAMES=() STATUS=() NOTES=()
 
@@ -129,6 +129,16 @@ else
         124) record "pytest-cuda cublas" FAIL "timed out (pytest.log)" ;;
         *) record "pytest-cuda cublas" FAIL "$LAST" ;;
     esac
+    # and the opt-in tensor-core path of fp32 projection (LOWRANK_PROJECTION_FP32_TC=1)
+    echo "===== LOWRANK_PROJECTION_FP32_TC=1" >>"$PYTEST_LOG"
+    run_step 60 "$PYTEST_LOG" env LOWRANK_PROJECTION_FP32_TC=1 "$PY" -m pytest -m cuda tests/test_projection.py \
+        tests/test_optim.py -q -rfEs -p no:cacheprovider
+    LAST=$(grep -E '(passed|failed|error|no tests ran)' "$PYTEST_LOG" | tail -1)
+    case $RC in
+        0) record "pytest-cuda proj-fp32-tc" PASS "$LAST" ;;
+        124) record "pytest-cuda proj-fp32-tc" FAIL "timed out (pytest.log)" ;;
+        *) record "pytest-cuda proj-fp32-tc" FAIL "$LAST" ;;
+    esac
 fi
 
 # 5. compute-sanitizer memcheck --------------------------------------------------------------------
@@ -177,7 +187,7 @@ esac
 # 7. A/B of the paths the environment switches select (bench/ab_paths.py), appended to bench.log --------
 AB_LOG=$OUTDIR/bench.log
 # One configuration per word; a configuration sets one or more variables, comma-separated.
-AB_CONFIGS=${AB_CONFIGS:-"default LOWRANK_CUBLAS=1 LOWRANK_CUBLAS=1,LOWRANK_MONARCH_F1=epilogue LOWRANK_CUBLAS=1,LOWRANK_MONARCH_F1=natural LOWRANK_CUBLAS=1,LOWRANK_MONARCH_FUSED=0"}
+AB_CONFIGS=${AB_CONFIGS:-"default LOWRANK_CUBLAS=1 LOWRANK_CUBLAS=1,LOWRANK_MONARCH_F1=epilogue LOWRANK_CUBLAS=1,LOWRANK_MONARCH_F1=natural LOWRANK_CUBLAS=1,LOWRANK_MONARCH_FUSED=0 LOWRANK_PROJECTION_FP32_TC=1"}
 if [ "$CUDA" = 1 ] && [ -f bench/ab_paths.py ]; then
     AB_FAIL=0
     for cfg in $AB_CONFIGS; do
@@ -201,7 +211,7 @@ fi
     echo
     # the benchmark's own table: from its device header line to the files it wrote
     sed -n '/^\(cuda\|cpu\): /,/^wrote /p' "$BENCH_LOG" | grep -v '^wrote ' || tail -5 "$BENCH_LOG"
-    grep -E '^ *[A-Za-z0-9_=.,-]+ (monarch|sltrain) ' "$BENCH_LOG" | sed 's/^/A\/B /' || true
+    grep -E '^ *[A-Za-z0-9_=.,-]+ (monarch|sltrain|galore) ' "$BENCH_LOG" | sed 's/^/A\/B /' || true
     echo "logs and results: $OUTDIR"
 } | tee "$OUTDIR/summary.txt"
 for s in "${STATUS[@]}"; do [ "$s" = FAIL ] && exit 1; done
