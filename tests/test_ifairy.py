@@ -906,3 +906,17 @@ def test_example_block_runs_end_to_end(device, dtype):
     tol = 1e-5 if dtype == torch.float32 else 3e-2
     torch.testing.assert_close(short[0], y_re[:, :4], rtol=tol, atol=tol)
     torch.testing.assert_close(short[1], y_im[:, :4], rtol=tol, atol=tol)
+
+
+def test_compile_in_grad_mode_then_backward_raises():
+    """torch.compile traces the backward of a call whose inputs require grad: the refusal must be a graph node
+    that raises when run, not an exception while tracing (a compiled model with trainable norms around the
+    op must compile for inference)."""
+    layer = IFairyLinear(16, 8)
+    xr = torch.randn(3, 16, requires_grad=True)
+    compiled = torch.compile(layer, backend="aot_eager")
+    yr, yi = compiled(xr, xr.detach())
+    want = layer(xr.detach(), xr.detach())
+    assert torch.equal(yr.detach(), want[0]) and torch.equal(yi.detach(), want[1])
+    with pytest.raises(RuntimeError, match="inference only"):
+        yr.sum().backward()

@@ -467,3 +467,38 @@ def test_small_model_loss_falls(device, mode, opts):
             opt.zero_grad()
     print(f"{mode}: loss {losses[0]:.4f} -> {losses[-1]:.4f}")
     assert losses[-1] < 0.25 * losses[0]
+
+
+# ------------------------------------------------------------------------------------------- edge cases
+def test_empty_matrix_in_projected_group_takes_plain_adamw():
+    p = nn.Parameter(torch.zeros(0, 4))
+    p.grad = torch.zeros(0, 4)
+    GaLoreAdamW([{"params": [p], "rank": 2, "update_proj_gap": 2}]).step()  # no subspace to project onto
+    assert p.shape == (0, 4)
+
+
+@pytest.mark.parametrize("fira", [False, True])
+def test_noncontiguous_parameter_matches_contiguous(fira):
+    gen = torch.Generator().manual_seed(3)
+    base = torch.randn(9, 14, generator=gen)
+    strided = nn.Parameter(base.t())  # (14, 9), a transposed view
+    dense = nn.Parameter(base.t().contiguous())
+    group = {"rank": 3, "update_proj_gap": 2, "scale": 0.25, "fira": fira}
+    opts = [GaLoreAdamW([{**group, "params": [q]}], lr=1e-2, weight_decay=0.1) for q in (strided, dense)]
+    for _ in range(4):
+        g = torch.randn(14, 9, generator=gen)
+        for q, opt in zip((strided, dense), opts):
+            q.grad = g.clone()
+            opt.step()
+    assert not strided.is_contiguous()
+    assert torch.equal(strided.detach(), dense.detach())
+
+
+def test_per_layer_step_skips_frozen_parameters():
+    model = nn.Linear(4, 3)
+    model.bias.requires_grad_(False)
+    steps = register_per_layer_step(model.parameters(), lr=1e-2)  # an iterable, not the module
+    assert len(steps.optimizers) == 1
+    before = model.weight.detach().clone()
+    model(torch.randn(5, 4)).sum().backward()
+    assert not torch.equal(model.weight.detach(), before) and model.weight.grad is None

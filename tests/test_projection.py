@@ -426,3 +426,10 @@ def test_ops_are_registered_for_cpu_and_cuda():
     assert "Tensor(a!) W" in schema
     schema = str(torch.ops.lowrank.adam_lowrank_.default._schema)
     assert "Tensor(a!) exp_avg" in schema and "Tensor(b!) exp_avg_sq" in schema
+
+
+def test_dct_select_compiles_with_dynamic_shapes_fullgraph():
+    G, Q = torch.randn(6, 4), lowrank.dct_basis(4)
+    f = torch.compile(lambda g, q: lowrank.dct_select(g, q, 2, False), backend="aot_eager", fullgraph=True,
+                      dynamic=True)
+    assert torch.equal(f(G, Q), lowrank.dct_select(G, Q, 2, False))

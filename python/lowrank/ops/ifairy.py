@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ._autograd import refuse_gradient
+
 __all__ = ["ifairy_quantize", "ifairy_dequantize", "ifairy_linear"]
 # names in torch.ops.lowrank of this family
 OP_NAMES = ["ifairy_quantize", "ifairy_dequantize", "ifairy_linear"]
@@ -122,17 +124,11 @@ def _ifairy_linear_fake(x_real, x_imag, packed, scales, act_quant=True):
 
 
 # ------------------------------------------------------------------------------------------ autograd
-def _no_grad_setup(ctx, inputs, output):
-    pass
-
-
-def _refuse(public_name):
-    def _backward(ctx, *grads):
-        raise RuntimeError(f"{public_name} is inference only: it has no gradient (iFairy trains full-precision "
-                           "latent weights with straight-through estimators; run such training in float)")
-    return _backward
+def _refusal(public_name: str) -> str:
+    return (f"{public_name} is inference only: it has no gradient (iFairy trains full-precision latent weights "
+            "with straight-through estimators; run such training in float)")
 
 
 for _name in OP_NAMES:
-    torch.library.register_autograd(f"lowrank::{_name}", _refuse(f"lowrank.{_name}"), setup_context=_no_grad_setup)
+    refuse_gradient(f"lowrank::{_name}", _refusal(f"lowrank.{_name}"))
 del _name

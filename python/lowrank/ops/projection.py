@@ -97,7 +97,10 @@ def dct_select(G: torch.Tensor, Q: torch.Tensor, rank: int, left: bool) -> torch
     """
     scores = basis_scores(G, Q, left)
     k = scores.shape[0]
-    torch._check(1 <= rank <= k, lambda: f"lowrank.dct_select: rank {rank} must be in [1, {k}]")
+    # two checks whose messages capture only the Python int: a closure over k (a SymInt under dynamic shapes)
+    # would break torch.compile(fullgraph=True)
+    torch._check(1 <= rank, lambda: f"lowrank.dct_select: rank {rank} must be >= 1")
+    torch._check(rank <= k, lambda: f"lowrank.dct_select: rank {rank} exceeds the number of basis vectors")
     order = torch.sort(scores, descending=True, stable=True).indices[:rank]
     return torch.sort(order).values.to(torch.int32)
 

@@ -121,7 +121,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
                     continue
                 if p.grad.is_sparse:
                     raise RuntimeError("GaLoreAdamW does not support sparse gradients")
-                if "rank" in group and p.dim() == 2:
+                if "rank" in group and p.dim() == 2 and p.numel() > 0:  # an empty matrix has no subspace
                     self._projected_step(p, group)
                 else:
                     self._adamw_step(p, group)
@@ -199,8 +199,13 @@ class GaLoreAdamW(torch.optim.Optimizer):
         N = _ops.adam_lowrank_(state["exp_avg"], state["exp_avg_sq"], R, beta1, beta2, group["eps"])
         step_size, alpha = self._step_size(group, state["step"]), group["scale"]
         decay = 1.0 - group["lr"] * group["weight_decay"] if group["weight_decay"] > 0.0 else 1.0
+        # the fused update writes W in place and needs it contiguous: a strided parameter (a transposed view)
+        # is updated through a contiguous copy
+        w = p if p.is_contiguous() else p.contiguous()
         if not fira:
-            _ops.galore_update_(p, N.mul_(step_size * alpha), P, left, decay)
+            _ops.galore_update_(w, N.mul_(step_size * alpha), P, left, decay)
+            if w is not p:
+                p.copy_(w)
             return
         rank_dim = 0 if left else 1
         r_sq = (R * R).sum(dim=rank_dim)
@@ -216,7 +221,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
         coef = phi / limiter
         coef_b = coef.unsqueeze(0) if left else coef.unsqueeze(1)
         M = (N - coef_b * R).mul_(step_size * alpha)
-        _ops.galore_update_(p, M, P, left, decay, G, coef.mul_(step_size))
+        _ops.galore_update_(w, M, P, left, decay, G, coef.mul_(step_size))
+        if w is not p:
+            p.copy_(w)
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's loader, except that state tensors keep their saved dtype (fp32 moments of bf16 weights)."""
@@ -235,7 +242,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
 class PerLayerStep:
     """One optimizer per parameter, each stepped from its parameter's post-accumulate-grad hook, which then
     frees the gradient: only one parameter's gradient is alive at a time during backward. ``step()`` and
-    ``zero_grad()`` are not needed (and there is nothing to accumulate across micro-batches in this mode)."""
+    ``zero_grad()`` are not needed. Every ``backward()`` is a full optimizer step of every parameter it
+    reaches, so gradient accumulation over micro-batches is not possible in this mode."""
 
     def __init__(self):
         self.optimizers: list[torch.optim.Optimizer] = []
@@ -283,6 +291,8 @@ def register_per_layer_step(params, make_optimizer: Callable[[list], torch.optim
         options = {k: v for k, v in group.items() if k != "params"}
         members = [group["params"]] if torch.is_tensor(group["params"]) else list(group["params"])
         for p in members:
+            if not p.requires_grad:  # a frozen parameter gets no gradient, hence no hook and no optimizer
+                continue
             opt = make_optimizer([{**options, "params": [p]}])
 
             def hook(param, opt=opt):
