@@ -3,7 +3,7 @@
     LOWRANK_CUBLAS=1 python bench/ab_paths.py --tag cublas
 
 The switches are read once per process (LOWRANK_CUBLAS, LOWRANK_MONARCH_F1, LOWRANK_MONARCH_FUSED,
-LOWRANK_PROJECTION_FP32_TC), so
+LOWRANK_PROJECTION_FP32_TC, LOWRANK_IFAIRY_GEMV_FUSED), so
 bench/gpu_check.sh runs this script once per configuration and the table it prints lets the defaults be
 chosen from measurements. Every timed call is first checked against the float64 reference; a mismatch is
 printed as FAIL (and the exit code is 1). Monarch/SLTrain: bf16, 8192 tokens, the main rows' shapes; GaLore:
@@ -27,6 +27,7 @@ MONARCH = [  # (tokens, n_in, n_out, nblocks) -> fly's square factor shapes
     (8192, 8192, 8192, 4), (8192, 8192, 8192, 64), (8192, 768, 3072, 4),
 ]
 SLTRAIN = [(8192, 2048, 2048, 512, 0.03)]
+IFAIRY = [(1, 2048, 2048), (4, 2048, 2048), (1, 8192, 8192), (16, 5460, 2048)]  # (tokens, out, in), W2A8 bf16
 GALORE = [(4096, 4096, 128, torch.float32), (11008, 4096, 256, torch.float32), (4096, 4096, 128, torch.bfloat16)]
 
 
@@ -50,10 +51,26 @@ def main() -> int:
     dev = args.device
     monarch_shapes = [(64, 64, 64, 4), (33, 48, 96, 4)] if args.small else MONARCH
     sltrain_shapes = [(40, 64, 48, 8, 0.05)] if args.small else SLTRAIN
+    ifairy_shapes = [(1, 40, 37), (4, 33, 130)] if args.small else IFAIRY
+    galore_shapes = [(96, 64, 8, torch.float32)] if args.small else GALORE
     env = {k: v for k, v in os.environ.items() if k.startswith("LOWRANK_")}
+    # a configuration times only the families its switches can change (the default run times all of them)
+    touched = set()
+    for key in env:
+        if key.startswith("LOWRANK_MONARCH_"):
+            touched.add("monarch")
+        elif key == "LOWRANK_CUBLAS":
+            touched |= {"monarch", "sltrain"}
+        elif key.startswith("LOWRANK_PROJECTION_"):
+            touched.add("galore")
+        elif key.startswith("LOWRANK_IFAIRY_"):
+            touched.add("ifairy")
+    if any(k.startswith("LOWRANK_MONARCH_") for k in env):
+        touched.discard("sltrain")
+    families = touched or {"monarch", "sltrain", "ifairy", "galore"}
     ok = True
     out = []
-    for T, n_in, n_out, nb in monarch_shapes:
+    for T, n_in, n_out, nb in monarch_shapes if "monarch" in families else []:
         w1, w2 = monarch_factors(n_in, n_out, nb, dev)
         x = torch.randn(T, n_in, device=dev, dtype=torch.bfloat16)
         g = torch.randn(T, n_out, device=dev, dtype=torch.bfloat16)
@@ -69,7 +86,7 @@ def main() -> int:
         out.append(row)
         print(f"{args.tag:>14} monarch {row['shape']:>18} nb={nb:<3} fwd {fwd:8.4f} ms  fwd+bwd {both:8.4f} ms  "
               f"err {err:.1e} {row['check']}", flush=True)
-    for T, n_in, n_out, r, delta in sltrain_shapes:
+    for T, n_in, n_out, r, delta in sltrain_shapes if "sltrain" in families else []:
         from lowrank.nn import SLTrainLinear
         layer = SLTrainLinear(n_in, n_out, rank=r, density=delta, bias=False, device=dev, dtype=torch.bfloat16)
         A, v, idx, s = layer.A.detach(), layer.values.detach(), layer.indices, layer.scale
@@ -88,8 +105,26 @@ def main() -> int:
         out.append(row)
         print(f"{args.tag:>14} sltrain {row['shape']:>18}        fwd {fwd:8.4f} ms  fwd+bwd {both:8.4f} ms  "
               f"err {err:.1e} {row['check']}", flush=True)
-    galore_shapes = [(96, 64, 8, torch.float32)] if args.small else GALORE
-    for m, n, r, dt in galore_shapes:
+    from lowrank.reference import ifairy_linear_reference
+    for T, n_out, n_in in ifairy_shapes if "ifairy" in families else []:
+        gen = torch.Generator().manual_seed(0)
+        packed, scales = lowrank.ifairy_quantize(torch.randn(n_out, n_in, generator=gen),
+                                                 torch.randn(n_out, n_in, generator=gen))
+        packed, scales = packed.to(dev), scales.to(dev)
+        xdt = torch.bfloat16 if dev.startswith("cuda") else torch.float32
+        xr, xi = (torch.randn(T, n_in, generator=gen).to(dev, xdt) for _ in range(2))
+        yr, yi = lowrank.ifairy_linear(xr, xi, packed, scales)
+        rr, ri = ifairy_linear_reference(xr.cpu().double(), xi.cpu().double(), packed.cpu(), scales.cpu())
+        err = max(rel(yr.cpu(), rr), rel(yi.cpu(), ri))
+        ms = time_ms(lambda: lowrank.ifairy_linear(xr, xi, packed, scales), dev)
+        good = err < 1e-2
+        ok &= good
+        row = dict(tag=args.tag, op="ifairy", shape=f"{T}x{n_in}->{n_out}", nb=0, fwd_ms=ms, fwdbwd_ms=None,
+                   err=err, check="PASS" if good else "FAIL", env=env)
+        out.append(row)
+        print(f"{args.tag:>14} ifairy  {row['shape']:>18}        W2A8 {ms * 1e3:8.2f} us  err {err:.1e} {row['check']}",
+              flush=True)
+    for m, n, r, dt in galore_shapes if "galore" in families else []:
         from lowrank.optim import GaLoreAdamW
         from lowrank.reference import projected_adamw_step_reference
         gen = torch.Generator().manual_seed(0)

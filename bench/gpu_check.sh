@@ -187,7 +187,7 @@ esac
 # 7. A/B of the paths the environment switches select (bench/ab_paths.py), appended to bench.log --------
 AB_LOG=$OUTDIR/bench.log
 # One configuration per word; a configuration sets one or more variables, comma-separated.
-AB_CONFIGS=${AB_CONFIGS:-"default LOWRANK_CUBLAS=1 LOWRANK_CUBLAS=1,LOWRANK_MONARCH_F1=epilogue LOWRANK_CUBLAS=1,LOWRANK_MONARCH_F1=natural LOWRANK_CUBLAS=1,LOWRANK_MONARCH_FUSED=0 LOWRANK_PROJECTION_FP32_TC=1"}
+AB_CONFIGS=${AB_CONFIGS:-"default LOWRANK_CUBLAS=1 LOWRANK_CUBLAS=1,LOWRANK_MONARCH_F1=epilogue LOWRANK_CUBLAS=1,LOWRANK_MONARCH_F1=natural LOWRANK_CUBLAS=1,LOWRANK_MONARCH_FUSED=0 LOWRANK_PROJECTION_FP32_TC=1 LOWRANK_IFAIRY_GEMV_FUSED=0"}
 if [ "$CUDA" = 1 ] && [ -f bench/ab_paths.py ]; then
     AB_FAIL=0
     for cfg in $AB_CONFIGS; do
@@ -211,7 +211,7 @@ fi
     echo
     # the benchmark's own table: from its device header line to the files it wrote
     sed -n '/^\(cuda\|cpu\): /,/^wrote /p' "$BENCH_LOG" | grep -v '^wrote ' || tail -5 "$BENCH_LOG"
-    grep -E '^ *[A-Za-z0-9_=.,-]+ (monarch|sltrain|galore) ' "$BENCH_LOG" | sed 's/^/A\/B /' || true
+    grep -E '^ *[A-Za-z0-9_=.,-]+ (monarch|sltrain|galore|ifairy) ' "$BENCH_LOG" | sed 's/^/A\/B /' || true
     echo "logs and results: $OUTDIR"
 } | tee "$OUTDIR/summary.txt"
 for s in "${STATUS[@]}"; do [ "$s" = FAIL ] && exit 1; done

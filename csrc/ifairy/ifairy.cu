@@ -41,6 +41,8 @@
 
 #include <algorithm>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
 #include <limits>
 #include <tuple>
 
@@ -631,7 +633,20 @@ void launch_gemv_nt(const GemvArgs& g, const T* xr, const T* xi, T* yr, T* yi, u
                                                                           g.in_pad, g.a, g.s, yr, yi);
 }
 
-bool gemv_fused_fits(int64_t T, int64_t in_pad) { return T <= kFusedMaxTokens && 2 * T * in_pad <= kFusedSmemBytes; }
+// LOWRANK_IFAIRY_GEMV_FUSED=0 sends every decode call through the separate activation-quantization kernel:
+// the fused kernel re-reads x in every block, which a review estimated can cost more L2 traffic than the
+// packed weights at 8192² (bench/ab_paths.py times both; read once per process).
+bool gemv_fused_allowed() {
+  static const bool on = [] {
+    const char* v = std::getenv("LOWRANK_IFAIRY_GEMV_FUSED");
+    return !(v != nullptr && std::strcmp(v, "0") == 0);
+  }();
+  return on;
+}
+
+bool gemv_fused_fits(int64_t T, int64_t in_pad) {
+  return gemv_fused_allowed() && T <= kFusedMaxTokens && 2 * T * in_pad <= kFusedSmemBytes;
+}
 
 template <typename T>
 void launch_gemv(const GemvArgs& g, const T* xr, const T* xi, T* yr, T* yi, int sms, cudaStream_t stream) {
