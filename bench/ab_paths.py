@@ -41,6 +41,17 @@ def rel(a, b):
     return ((a.double() - b).abs().max() / b.abs().max().clamp_min(1e-30)).item()
 
 
+def add_row(out: list, tag: str, env: dict, op: str, shape: str, nb: int, times: str, ms: float,
+            both: float | None, err: float, tol: float) -> bool:
+    """Append one row, print it, and return whether its check passed."""
+    good = err < tol  # a NaN fails too
+    out.append(dict(tag=tag, op=op, shape=shape, nb=nb, fwd_ms=ms, fwdbwd_ms=both, err=err,
+                    check="PASS" if good else "FAIL", env=env))
+    print(f"{tag:>14} {op:<7} {shape:>18} {f'nb={nb}' if nb else '':<6} {times}  err {err:.1e} "
+          f"{'PASS' if good else 'FAIL'}", flush=True)
+    return good
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--tag", default="default")
@@ -79,13 +90,8 @@ def main() -> int:
         xr, w1r, w2r = (t.clone().requires_grad_() for t in (x, w1, w2))
         fwd = time_ms(lambda: lowrank.monarch_matmul(x, w1, w2), dev)
         both = time_ms(lambda: lowrank.monarch_matmul(xr, w1r, w2r).backward(g), dev)
-        good = err < 2e-2
-        ok &= good
-        row = dict(tag=args.tag, op="monarch", shape=f"{T}x{n_in}->{n_out}", nb=nb, fwd_ms=fwd, fwdbwd_ms=both,
-                   err=err, check="PASS" if good else "FAIL", env=env)
-        out.append(row)
-        print(f"{args.tag:>14} monarch {row['shape']:>18} nb={nb:<3} fwd {fwd:8.4f} ms  fwd+bwd {both:8.4f} ms  "
-              f"err {err:.1e} {row['check']}", flush=True)
+        ok &= add_row(out, args.tag, env, "monarch", f"{T}x{n_in}->{n_out}", nb,
+                      f"fwd {fwd:8.4f} ms  fwd+bwd {both:8.4f} ms", fwd, both, err, 2e-2)
     for T, n_in, n_out, r, delta in sltrain_shapes if "sltrain" in families else []:
         from lowrank.nn import SLTrainLinear
         layer = SLTrainLinear(n_in, n_out, rank=r, density=delta, bias=False, device=dev, dtype=torch.bfloat16)
@@ -98,13 +104,8 @@ def main() -> int:
         Ar, Br, vr, xr = (t.clone().requires_grad_() for t in (A, B, v, x))
         fwd = time_ms(lambda: lowrank.sltrain_linear(x, A, B, v, idx, s, check=False), dev)
         both = time_ms(lambda: lowrank.sltrain_linear(xr, Ar, Br, vr, idx, s, check=False).backward(g), dev)
-        good = err < 2e-2
-        ok &= good
-        row = dict(tag=args.tag, op="sltrain", shape=f"{T}x{n_in}->{n_out} r{r}", nb=0, fwd_ms=fwd, fwdbwd_ms=both,
-                   err=err, check="PASS" if good else "FAIL", env=env)
-        out.append(row)
-        print(f"{args.tag:>14} sltrain {row['shape']:>18}        fwd {fwd:8.4f} ms  fwd+bwd {both:8.4f} ms  "
-              f"err {err:.1e} {row['check']}", flush=True)
+        ok &= add_row(out, args.tag, env, "sltrain", f"{T}x{n_in}->{n_out} r{r}", 0,
+                      f"fwd {fwd:8.4f} ms  fwd+bwd {both:8.4f} ms", fwd, both, err, 2e-2)
     from lowrank.reference import ifairy_linear_reference
     for T, n_out, n_in in ifairy_shapes if "ifairy" in families else []:
         gen = torch.Generator().manual_seed(0)
@@ -117,13 +118,8 @@ def main() -> int:
         rr, ri = ifairy_linear_reference(xr.cpu().double(), xi.cpu().double(), packed.cpu(), scales.cpu())
         err = max(rel(yr.cpu(), rr), rel(yi.cpu(), ri))
         ms = time_ms(lambda: lowrank.ifairy_linear(xr, xi, packed, scales), dev)
-        good = err < 1e-2
-        ok &= good
-        row = dict(tag=args.tag, op="ifairy", shape=f"{T}x{n_in}->{n_out}", nb=0, fwd_ms=ms, fwdbwd_ms=None,
-                   err=err, check="PASS" if good else "FAIL", env=env)
-        out.append(row)
-        print(f"{args.tag:>14} ifairy  {row['shape']:>18}        W2A8 {ms * 1e3:8.2f} us  err {err:.1e} {row['check']}",
-              flush=True)
+        ok &= add_row(out, args.tag, env, "ifairy", f"{T}x{n_in}->{n_out}", 0, f"W2A8 {ms * 1e3:8.2f} us", ms, None,
+                      err, 1e-2)
     for m, n, r, dt in galore_shapes if "galore" in families else []:
         from lowrank.optim import GaLoreAdamW
         from lowrank.reference import projected_adamw_step_reference
@@ -147,13 +143,8 @@ def main() -> int:
         else:
             err = rel(W.detach(), W64)
         ms = time_ms(opt.step, dev)
-        good = err < (1e-4 if dt == torch.float32 else 2.0 ** -8)
-        ok &= good
-        row = dict(tag=args.tag, op="galore", shape=f"{m}x{n} r{r} {str(dt)[6:]}", nb=0, fwd_ms=ms, fwdbwd_ms=None,
-                   err=err, check="PASS" if good else "FAIL", env=env)
-        out.append(row)
-        print(f"{args.tag:>14} galore  {row['shape']:>18}        step {ms:8.4f} ms  err {err:.1e} {row['check']}",
-              flush=True)
+        ok &= add_row(out, args.tag, env, "galore", f"{m}x{n} r{r} {str(dt)[6:]}", 0, f"step {ms:8.4f} ms", ms, None,
+                      err, 1e-4 if dt == torch.float32 else 2.0 ** -8)
     if args.json:
         with open(args.json, "a") as f:
             for row in out:
