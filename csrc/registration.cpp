@@ -11,6 +11,13 @@ STABLE_TORCH_LIBRARY(lowrank, m) {
   m.def(
       "monarch_matmul_backward(Tensor grad_out, Tensor x, Tensor w1, Tensor w2, bool need_grad_x, "
       "bool need_grad_w) -> (Tensor grad_x, Tensor grad_w1, Tensor grad_w2)");
+  // Training pair that keeps the middle activation instead of recomputing it (CPU only; fly's bmm path keeps
+  // the same (B, k·q) tensor): mid = y (x's leading dims, k·q) in the accumulation dtype (float32; float64 for
+  // float64 inputs), to be passed back to monarch_matmul_backward_saved unchanged.
+  m.def("monarch_matmul_forward_saving(Tensor x, Tensor w1, Tensor w2) -> (Tensor out, Tensor mid)");
+  m.def(
+      "monarch_matmul_backward_saved(Tensor grad_out, Tensor x, Tensor w1, Tensor w2, Tensor mid, "
+      "bool need_grad_x, bool need_grad_w) -> (Tensor grad_x, Tensor grad_w1, Tensor grad_w2)");
 
   // ---- SLTrain (sparse + low-rank linear): y = x·(scale·B·A + S)ᵀ + bias, S[idx // in, idx % in] = values.
   // check: validate indices (in range, unique) first; costs a pass (and a device sync on CUDA).

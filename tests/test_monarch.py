@@ -397,6 +397,135 @@ def test_backward_with_noncontiguous_grad_out(device):
 
 
 # --------------------------------------------------------------------------------------------------------------
+# 2b. Keeping the middle activation (save_middle; CPU only): same gradients, the documented policy
+# --------------------------------------------------------------------------------------------------------------
+# Blocks of at most 128 run the CPU kernel's fused tile schedule, larger ones the GEMM-per-step schedule:
+# both are covered with the middle activation kept and recomputed.
+SAVE_SHAPES = [("small_blocks", (9,), (3, 5, 7), (5, 9, 3)), ML_3072_768, ML_768_3072, TILE_EDGES,
+               ("two_pass_batch_dims", (2, 3), (2, 130, 3), (2, 5, 130))]
+
+
+@pytest.mark.parametrize("save_middle", [True, False, None], ids=lambda v: f"save_{v}")
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=_id)
+@pytest.mark.parametrize("shape", SAVE_SHAPES, ids=shape_id)
+def test_save_middle_gradients_match_reference(shape, dtype, save_middle):
+    name, lead, s1, s2 = shape
+    x, w1, w2 = make_inputs(lead, s1, s2, dtype)
+    grad_out = torch.randn(*lead, s2[0] * s2[1]).to(dtype)
+    out = lowrank.monarch_matmul(x, w1, w2, save_middle=save_middle)
+    assert_close_to_ref(f"{name} out", out, reference64(x, w1, w2),
+                        monarch_matmul_reference(x, w1, w2) if dtype in LOW_PRECISION else None)
+    ours = grads_of(lambda *a: lowrank.monarch_matmul(*a, save_middle=save_middle), x, w1, w2, grad_out)
+    truth = grads_of_reference64(x, w1, w2, grad_out)
+    same_dtype = grads_of(monarch_matmul_reference, x, w1, w2, grad_out) if dtype in LOW_PRECISION else [None] * 3
+    for label, o, t, sd in zip(("dx", "dw1", "dw2"), ours, truth, same_dtype):
+        assert o.dtype == dtype
+        assert_close_to_ref(f"{name} {label}", o, t, sd)
+
+
+@pytest.mark.parametrize("shape", [("small", (2,), (3, 5, 7), (5, 9, 3)), ("two_pass", (2,), (2, 130, 2), (2, 3, 130))],
+                         ids=shape_id)
+def test_gradcheck_float64_saving(shape):
+    _, lead, s1, s2 = shape
+    inputs = make_inputs(lead, s1, s2, torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda *a: lowrank.monarch_matmul(*a, save_middle=True), inputs, fast_mode=True)
+
+
+def _saved_numels(fn) -> list[tuple[tuple[int, ...], torch.dtype]]:
+    """(shape, dtype) of every tensor autograd saves while fn runs."""
+    saved = []
+
+    def pack(t):
+        saved.append((tuple(t.shape), t.dtype))
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return saved
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float64], ids=_id)
+def test_save_middle_policy(dtype):
+    """None keeps y on the CPU exactly when a block dimension exceeds 128 and a weight needs a gradient;
+    kept, y is (x's leading dims, k·q) in the accumulation dtype; without grad mode nothing is kept."""
+    acc = torch.float64 if dtype == torch.float64 else torch.float32
+    big = make_inputs((2, 3), (2, 130, 3), (2, 5, 130), dtype, requires_grad=True)
+    small = make_inputs((2, 3), (3, 5, 7), (5, 9, 3), dtype, requires_grad=True)
+    mid_big = ((2, 3, 260), acc)
+
+    assert mid_big in _saved_numels(lambda: lowrank.monarch_matmul(*big))
+    assert mid_big in _saved_numels(lambda: lowrank.monarch_matmul(*big, save_middle=True))
+    assert mid_big not in _saved_numels(lambda: lowrank.monarch_matmul(*big, save_middle=False))
+    assert ((2, 3, 15), acc) not in _saved_numels(lambda: lowrank.monarch_matmul(*small))
+    assert ((2, 3, 15), acc) in _saved_numels(lambda: lowrank.monarch_matmul(*small, save_middle=True))
+    x, w1, w2 = big
+    frozen = (x, w1.detach(), w2.detach())  # only x needs a gradient: dx does not use y
+    assert mid_big not in _saved_numels(lambda: lowrank.monarch_matmul(*frozen, save_middle=True))
+    with torch.no_grad():
+        out = lowrank.monarch_matmul(*big, save_middle=True)
+    assert out.grad_fn is None
+    torch.testing.assert_close(out, lowrank.monarch_matmul(*big, save_middle=False).detach(), rtol=0, atol=0)
+
+
+def test_forward_saving_op_values_and_mid():
+    """The op's out equals monarch_matmul's bit for bit; mid is y = BD(w1)·x in the accumulation dtype."""
+    for s1, s2 in (((3, 5, 7), (5, 9, 3)), ((2, 130, 3), (2, 5, 130))):
+        for dtype in (torch.float32, torch.bfloat16, torch.float64):
+            x, w1, w2 = make_inputs((2, 4), s1, s2, dtype)
+            out, mid = torch.ops.lowrank.monarch_matmul_forward_saving(x, w1, w2)
+            assert torch.equal(out, torch.ops.lowrank.monarch_matmul(x, w1, w2))
+            acc = torch.float64 if dtype == torch.float64 else torch.float32
+            assert mid.dtype == acc and mid.shape == (2, 4, s1[0] * s1[1])
+            x64, w164 = as64(x, w1)
+            y = torch.einsum("bkp,kqp->bkq", x64.reshape(-1, s1[0], s1[2]), w164).reshape(2, 4, -1)
+            # fp32 accumulation of bf16 / fp32 products: the mid stays within fp32 rounding of y
+            tol = 1e-10 if dtype == torch.float64 else 1e-5
+            err = (mid.double() - y).abs().max().item()
+            assert err <= tol * max(y.abs().max().item(), 1.0), f"mid of {dtype}: max err {err:.3e}"
+
+
+def test_backward_saved_rejects_a_wrong_mid():
+    x, w1, w2 = make_inputs((4,), (3, 5, 7), (5, 9, 3))
+    grad_out = torch.randn(4, 45)
+    _, mid = torch.ops.lowrank.monarch_matmul_forward_saving(x, w1, w2)
+    bwd = torch.ops.lowrank.monarch_matmul_backward_saved
+    with pytest.raises(RuntimeError, match="mid must be Float"):
+        bwd(grad_out, x, w1, w2, mid.double(), True, True)
+    with pytest.raises(RuntimeError, match="mid must have shape"):
+        bwd(grad_out, x, w1, w2, mid[:3], True, True)
+    with pytest.raises(RuntimeError, match="mid must have shape"):
+        bwd(grad_out, x, w1, w2, mid.reshape(2, 2, 15), True, True)
+    # a non-contiguous mid of the right shape is fine
+    dx, dw1, dw2 = bwd(grad_out, x, w1, w2, mid.T.contiguous().T, True, True)
+    truth = grads_of_reference64(x, w1, w2, grad_out)
+    for label, o, t in zip(("dx", "dw1", "dw2"), (dx, dw1, dw2), truth):
+        assert_close_to_ref(label, o, t)
+
+
+@pytest.mark.parametrize("flags", [(True, True), (True, False), (False, True)])
+@pytest.mark.parametrize("shape", [ODD, ("two_pass", (3,), (2, 130, 3), (2, 5, 130))], ids=shape_id)
+def test_opcheck_saving_ops(shape, flags):
+    _, lead, s1, s2 = shape
+    x, w1, w2 = make_inputs(lead, s1, s2, requires_grad=True)
+    torch.library.opcheck(torch.ops.lowrank.monarch_matmul_forward_saving.default, (x, w1, w2))
+    _, mid = torch.ops.lowrank.monarch_matmul_forward_saving(x.detach(), w1.detach(), w2.detach())
+    grad_out = torch.randn(*lead, s2[0] * s2[1])
+    torch.library.opcheck(torch.ops.lowrank.monarch_matmul_backward_saved.default,
+                          (grad_out, x.detach(), w1.detach(), w2.detach(), mid, *flags))
+
+
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and lowrank's CUDA kernels")
+def test_save_middle_on_cuda_is_refused_or_recomputed():
+    x, w1, w2 = make_inputs((4,), (3, 5, 7), (5, 9, 3), device="cuda", requires_grad=True)
+    with pytest.raises(NotImplementedError, match="CPU only"):
+        lowrank.monarch_matmul(x, w1, w2, save_middle=True)
+    with pytest.raises(RuntimeError, match="CPU only"):
+        torch.ops.lowrank.monarch_matmul_forward_saving(x, w1, w2)
+    out = lowrank.monarch_matmul(x, w1, w2)  # None: recompute on CUDA
+    assert "forward_saving" not in type(out.grad_fn).__name__
+
+
+# --------------------------------------------------------------------------------------------------------------
 # 3. Registration: schema, fake, autograd, AOT dispatch
 # --------------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("shape", OPCHECK_SHAPES, ids=shape_id)
@@ -424,13 +553,14 @@ def test_opcheck_forward_bfloat16(device):
 
 
 # --------------------------------------------------------------------------------------------------------------
-# 4. torch.compile (slow on a small CPU: two tests in all)
+# 4. torch.compile (slow on a small CPU: three tests in all)
 # --------------------------------------------------------------------------------------------------------------
-def test_compile_function_fullgraph():
+@pytest.mark.parametrize("save_middle", [None, True], ids=lambda v: f"save_{v}")
+def test_compile_function_fullgraph(save_middle):
     torch._dynamo.reset()
 
     def f(x, w1, w2):
-        return torch.relu(lowrank.monarch_matmul(x * 2, w1, w2)).sum(-1)
+        return torch.relu(lowrank.monarch_matmul(x * 2, w1, w2, save_middle=save_middle)).sum(-1)
 
     x, w1, w2 = make_inputs((2, 3), (3, 5, 7), (5, 9, 3), requires_grad=True)
     compiled = torch.compile(f, fullgraph=True)

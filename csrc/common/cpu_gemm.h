@@ -9,11 +9,13 @@
 #include <torch/csrc/stable/ops.h>
 
 #include <algorithm>
+#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 #include <cstring>
 #include <memory>
 #include <new>
+#include <type_traits>
 
 namespace lowrank {
 
@@ -46,6 +48,10 @@ inline void micro_kernel(int64_t kc, const double* a, const double* b, double* c
   fn(kc, a, b, c, ldc);
 }
 
+// AVX2 transposing pack (float source with k stride 1, W = 6 or 16), or null where the CPU lacks AVX2.
+using PackTransposedF32 = void (*)(float*, const float*, int64_t, int64_t, int64_t, int64_t);
+PackTransposedF32 pack_transposed_f32();
+
 struct FreeDeleter {
   void operator()(void* p) const { std::free(p); }
 };
@@ -66,6 +72,10 @@ template <int64_t W, typename Acc, typename T>
 void pack_strips(Acc* dst, const T* src, int64_t w_stride, int64_t k_stride, int64_t width, int64_t klen) {
   const int64_t strips = (width + W - 1) / W;
   const int64_t padded = strips * W;
+  if constexpr (std::is_same_v<Acc, float> && std::is_same_v<T, float> && (W == 6 || W == 16)) {
+    static const detail::PackTransposedF32 fast = detail::pack_transposed_f32();
+    if (fast != nullptr && k_stride == 1 && w_stride > 1) return fast(dst, src, w_stride, width, klen, W);
+  }
   if (w_stride < k_stride) {
     for (int64_t k = 0; k < klen; ++k) {
       const T* s = src + k * k_stride;
@@ -153,38 +163,67 @@ void gemm_tile(int64_t mlen, int64_t nlen, int64_t K, Operand<const TA> A, Opera
   }
 }
 
+// Run fn(worker, task) for task < n on torch's thread pool, each worker taking the next task from a shared
+// counter: tasks of unequal cost, or a worker whose core is busy elsewhere, then cost no idle wait at the
+// end (a static split into equal ranges would). fn(worker, ...) may keep per-worker state in
+// make_state(), built once per worker.
+template <typename MakeState, typename Fn>
+void parallel_tasks(int64_t n, MakeState&& make_state, Fn&& fn) {
+  if (n <= 0) return;
+  const int64_t workers = std::min<int64_t>(n, std::max<int64_t>(1, torch::stable::get_num_threads()));
+  std::atomic<int64_t> next{0};
+  auto run = [&]() {
+    auto state = make_state();
+    for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < n;
+         t = next.fetch_add(1, std::memory_order_relaxed))
+      fn(state, t);
+  };
+  if (workers == 1) return run();
+  torch::stable::parallel_for(0, workers, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t w = begin; w < end; ++w) run();
+  });
+}
+
+// Split `len` into ceil(len / max_tile) tiles of about equal size, each a multiple of `align` (the last one
+// may be shorter): 256 rows with MT = 192 become 2 x 128, not 192 + 64.
+inline int64_t balanced_tile(int64_t len, int64_t max_tile, int64_t align) {
+  const int64_t tiles = (len + max_tile - 1) / max_tile;
+  const int64_t even = (len + tiles - 1) / tiles;
+  return std::min(max_tile, (even + align - 1) / align * align);
+}
+
 // for g < G: C_g = alpha · A_g · B_g. B is packed once for the whole call (every task of a row range would
-// otherwise repack it), then tasks of MT x NC tiles of C spread over torch's thread pool.
+// otherwise repack it), then tasks of at most MT x NC tiles of C spread over torch's thread pool.
 template <typename Acc, typename TA, typename TB, typename TC>
 void strided_batched_gemm(int64_t G, int64_t M, int64_t N, int64_t K, Operand<const TA> A, Operand<const TB> B,
                           Operand<TC> C, Acc alpha = Acc(1)) {
   using W = GemmWorkspace<Acc>;
   if (G <= 0 || M <= 0 || N <= 0) return;
-  const int64_t m_tiles = (M + W::MT - 1) / W::MT, n_tiles = (N + W::NC - 1) / W::NC;
+  const int64_t mt = balanced_tile(M, W::MT, W::MR), nt_w = balanced_tile(N, W::NC, W::NR);
+  const int64_t m_tiles = (M + mt - 1) / mt, n_tiles = (N + nt_w - 1) / nt_w;
   const int64_t k_blocks = std::max<int64_t>(1, (K + W::KC - 1) / W::KC);
-  const int64_t last_n = N - (n_tiles - 1) * W::NC;
-  const int64_t group_size = (n_tiles - 1) * K * W::NC + K * ((last_n + W::NR - 1) / W::NR * W::NR);
+  const int64_t last_n = N - (n_tiles - 1) * nt_w;
+  const int64_t group_size = (n_tiles - 1) * K * nt_w + K * ((last_n + W::NR - 1) / W::NR * W::NR);
   auto packed = detail::aligned_buffer<Acc>(std::max<int64_t>(1, G * group_size));
-  auto panel = [&](int64_t g, int64_t nt) { return packed.get() + g * group_size + nt * K * W::NC; };
-  torch::stable::parallel_for(0, G * n_tiles * k_blocks, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t t = begin; t < end; ++t) {
-      const int64_t g = t / (n_tiles * k_blocks), nt = t / k_blocks % n_tiles, kb = t % k_blocks;
-      const int64_t n0 = nt * W::NC, nlen = std::min(W::NC, N - n0), k0 = kb * W::KC;
-      const int64_t ldc = (nlen + W::NR - 1) / W::NR * W::NR;
-      if (k0 < K)
-        pack_strips<W::NR, Acc>(panel(g, nt) + k0 * ldc, &B.at(g, k0, n0), B.cs, B.rs, nlen,
-                                std::min(W::KC, K - k0));
-    }
-  });
-  torch::stable::parallel_for(0, G * m_tiles * n_tiles, 1, [&](int64_t begin, int64_t end) {
-    W ws;
-    for (int64_t task = begin; task < end; ++task) {
-      const int64_t g = task / (m_tiles * n_tiles);
-      const int64_t m0 = (task / n_tiles) % m_tiles * W::MT, nt = task % n_tiles, n0 = nt * W::NC;
-      gemm_tile<Acc>(std::min(W::MT, M - m0), std::min(W::NC, N - n0), K, A.shifted(g, m0, 0),
-                     B.shifted(g, 0, n0), C.shifted(g, m0, n0), ws, panel(g, nt), false, alpha);
-    }
-  });
+  auto panel = [&](int64_t g, int64_t nt) { return packed.get() + g * group_size + nt * K * nt_w; };
+  parallel_tasks(
+      G * n_tiles * k_blocks, [] { return 0; },
+      [&](int, int64_t t) {
+        const int64_t g = t / (n_tiles * k_blocks), nt = t / k_blocks % n_tiles, kb = t % k_blocks;
+        const int64_t n0 = nt * nt_w, nlen = std::min(nt_w, N - n0), k0 = kb * W::KC;
+        const int64_t ldc = (nlen + W::NR - 1) / W::NR * W::NR;
+        if (k0 < K)
+          pack_strips<W::NR, Acc>(panel(g, nt) + k0 * ldc, &B.at(g, k0, n0), B.cs, B.rs, nlen,
+                                  std::min(W::KC, K - k0));
+      });
+  parallel_tasks(
+      G * m_tiles * n_tiles, [] { return std::make_unique<W>(); },
+      [&](std::unique_ptr<W>& ws, int64_t task) {
+        const int64_t g = task / (m_tiles * n_tiles);
+        const int64_t m0 = (task / n_tiles) % m_tiles * mt, nt = task % n_tiles, n0 = nt * nt_w;
+        gemm_tile<Acc>(std::min(mt, M - m0), std::min(nt_w, N - n0), K, A.shifted(g, m0, 0), B.shifted(g, 0, n0),
+                       C.shifted(g, m0, n0), *ws, panel(g, nt), false, alpha);
+      });
 }
 
 }  // namespace lowrank

@@ -5,7 +5,9 @@
 //     thread, then across threads;
 //   two-pass (larger blocks): one batched GEMM per step over a (B, N) scratch.
 // Middle activations are fp32 (fp64 for float64), so bf16/fp16 inputs keep full precision between the
-// factors. The backward recomputes the middle activation instead of saving it.
+// factors. monarch_matmul's backward recomputes the middle activation (only x, w1 and w2 are saved);
+// the training pair monarch_matmul_forward_saving / monarch_matmul_backward_saved keeps it instead (one
+// (B, N) tensor, as fly's bmm path keeps), which saves the recompute GEMM: a fifth of the backward's work.
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 
@@ -22,6 +24,8 @@ namespace {
 
 constexpr const char* kFwd = "lowrank.monarch_matmul";
 constexpr const char* kBwd = "lowrank.monarch_matmul_backward";
+constexpr const char* kFwdSave = "lowrank.monarch_matmul_forward_saving";
+constexpr const char* kBwdSaved = "lowrank.monarch_matmul_backward_saved";
 
 
 // y = BD(w1)·x in the natural (B, N) layout: y[b, i·q + j] = Σ_t w1[i,j,t]·x[b, i·p + t].
@@ -94,17 +98,18 @@ void fused_factor1(const MonarchDims& d, const PackedFactors<Acc>& pf, const T* 
                    operand<Acc>(mid + i * d.q, 0, d.mid, 1), ws, pf.w1t + i * pf.panel1);
 }
 
+// mid_out, if given, receives the middle activation (B, N); otherwise it lives in a per-thread tile.
 template <typename Acc, typename T>
-void forward_fused(const MonarchDims& d, const T* x, const T* w1, const T* w2, T* out) {
+void forward_fused(const MonarchDims& d, const T* x, const T* w1, const T* w2, T* out, Acc* mid_out) {
   using W = GemmWorkspace<Acc>;
   const PackedFactors<Acc> pf(d, w1, w2, /*forward_only=*/true);
   const int64_t rows = fused_rows<Acc>(d, 1), tiles = (d.batch + rows - 1) / rows;
   torch::stable::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     W ws;
-    auto mid_buf = detail::aligned_buffer<Acc>(rows * d.mid);
-    Acc* mid = mid_buf.get();
+    auto mid_buf = detail::aligned_buffer<Acc>(mid_out != nullptr ? 1 : rows * d.mid);
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b0 = t * rows, nb = std::min(rows, d.batch - b0);
+      Acc* mid = mid_out != nullptr ? mid_out + b0 * d.mid : mid_buf.get();
       fused_factor1(d, pf, x, b0, nb, mid, ws);
       for (int64_t c = 0; c < d.l; ++c)  // out[b, e·l + c] = Σ_a w2[c,e,a]·mid[b, a·l + c]
         gemm_tile<Acc>(nb, d.s, d.r, operand<const Acc>(mid + c, 0, d.mid, d.l), Operand<const T>{},
@@ -114,21 +119,23 @@ void forward_fused(const MonarchDims& d, const T* x, const T* w1, const T* w2, T
 }
 
 // Backward on row tiles. Weight gradients are summed per thread in Acc and then across threads.
+// mid_saved: the forward's middle activation (B, N), or null to recompute it per tile.
 template <typename Acc, typename T>
-void backward_fused(const MonarchDims& d, const T* g, const T* x, const T* w1, const T* w2, T* dx, T* dw1, T* dw2) {
+void backward_fused(const MonarchDims& d, const T* g, const T* x, const T* w1, const T* w2, const Acc* mid_saved,
+                    T* dx, T* dw1, T* dw2) {
   using W = GemmWorkspace<Acc>;
   const PackedFactors<Acc> pf(d, w1, w2, /*forward_only=*/false);
   const bool need_w = dw1 != nullptr;
-  const int64_t rows = fused_rows<Acc>(d, need_w ? 2 : 1), tiles = (d.batch + rows - 1) / rows;
+  const bool recompute = need_w && mid_saved == nullptr;
+  const int64_t rows = fused_rows<Acc>(d, recompute ? 2 : 1), tiles = (d.batch + rows - 1) / rows;
   const int64_t n1 = d.k * d.q * d.p, n2 = d.l * d.s * d.r, N = d.mid, m = d.out, l = d.l;
   // per-chunk partial sums keyed by the chunk's first tile, added in that order: bit-reproducible
   std::map<int64_t, std::vector<Acc>> partials;
   std::mutex dw_lock;
   torch::stable::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     W ws;
-    auto buf = detail::aligned_buffer<Acc>(rows * N * (need_w ? 2 : 1));
+    auto buf = detail::aligned_buffer<Acc>(rows * N * (recompute ? 2 : 1));
     Acc* dy = buf.get();
-    Acc* mid = dy + rows * N;
     std::vector<Acc> dw(need_w ? n1 + n2 : 0, Acc(0));
     for (int64_t t = begin; t < end; ++t) {
       const int64_t b0 = t * rows, nb = std::min(rows, d.batch - b0);
@@ -141,7 +148,8 @@ void backward_fused(const MonarchDims& d, const T* g, const T* x, const T* w1, c
           gemm_tile<Acc>(nb, d.p, d.q, operand<const Acc>(dy + i * d.q, 0, N, 1), Operand<const T>{},
                          operand<T>(dx + b0 * d.n + i * d.p, 0, d.n, 1), ws, pf.w1n + i * pf.panel1n);
       if (!need_w) continue;
-      fused_factor1(d, pf, x, b0, nb, mid, ws);
+      const Acc* mid = mid_saved != nullptr ? mid_saved + b0 * N : dy + rows * N;
+      if (recompute) fused_factor1(d, pf, x, b0, nb, dy + rows * N, ws);
       for (int64_t c = 0; c < l; ++c)  // dw2[c,e,a] += Σ_b g[b, e·l + c]·mid[b, a·l + c]
         gemm_tile<Acc>(d.s, d.r, nb, operand<const T>(gt + c, 0, l, m), operand<const Acc>(mid + c, 0, N, l),
                        operand<Acc>(dw.data() + n1 + c * d.s * d.r, 0, d.r, 1), ws, nullptr, true);
@@ -164,22 +172,29 @@ void backward_fused(const MonarchDims& d, const T* g, const T* x, const T* w1, c
   }
 }
 
+// mid_out: null, or (B, N) to receive the middle activation
 template <typename T>
-void forward(const MonarchDims& d, const T* x, const T* w1, const T* w2, T* out) {
+void forward(const MonarchDims& d, const T* x, const T* w1, const T* w2, T* out, acc_t<T>* mid_out) {
   using Acc = acc_t<T>;
-  if (fits_fused<Acc>(d)) return forward_fused<Acc>(d, x, w1, w2, out);
-  auto mid_t = torch::stable::empty({d.batch, d.mid}, acc_scalar_type<Acc>());
-  Acc* mid = static_cast<Acc*>(mid_t.data_ptr());
+  if (fits_fused<Acc>(d)) return forward_fused<Acc>(d, x, w1, w2, out, mid_out);
+  Tensor mid_t;
+  Acc* mid = mid_out;
+  if (mid == nullptr) {
+    mid_t = torch::stable::empty({d.batch, d.mid}, acc_scalar_type<Acc>());
+    mid = static_cast<Acc*>(mid_t.data_ptr());
+  }
   factor1<Acc>(d, x, w1, mid);
   // out[b, d·l + c] = Σ_a w2[c,d,a] · mid[b, a·l + c]
   strided_batched_gemm<Acc, Acc, T, T>(d.l, d.batch, d.s, d.r, operand<const Acc>(mid, 1, d.mid, d.l),
                                        operand<const T>(w2, d.s * d.r, 1, d.r), operand<T>(out, 1, d.out, d.l));
 }
 
+// mid_saved: null (recompute), or the forward's (B, N) middle activation
 template <typename T>
-void backward(const MonarchDims& d, const T* g, const T* x, const T* w1, const T* w2, T* dx, T* dw1, T* dw2) {
+void backward(const MonarchDims& d, const T* g, const T* x, const T* w1, const T* w2, const acc_t<T>* mid_saved,
+              T* dx, T* dw1, T* dw2) {
   using Acc = acc_t<T>;
-  if (fits_fused<Acc>(d)) return backward_fused<Acc>(d, g, x, w1, w2, dx, dw1, dw2);
+  if (fits_fused<Acc>(d)) return backward_fused<Acc>(d, g, x, w1, w2, mid_saved, dx, dw1, dw2);
   const int64_t B = d.batch, N = d.mid, m = d.out, l = d.l;
   auto dy_t = torch::stable::empty({B, N}, acc_scalar_type<Acc>());
   Acc* dy = static_cast<Acc*>(dy_t.data_ptr());
@@ -187,9 +202,13 @@ void backward(const MonarchDims& d, const T* g, const T* x, const T* w1, const T
   strided_batched_gemm<Acc, T, T, Acc>(l, B, d.r, d.s, operand<const T>(g, 1, m, l),
                                        operand<const T>(w2, d.s * d.r, d.r, 1), operand<Acc>(dy, 1, N, l));
   if (dw2 != nullptr) {
-    auto mid_t = torch::stable::empty({B, N}, acc_scalar_type<Acc>());
-    Acc* mid = static_cast<Acc*>(mid_t.data_ptr());
-    factor1<Acc>(d, x, w1, mid);
+    Tensor mid_t;
+    const Acc* mid = mid_saved;
+    if (mid == nullptr) {
+      mid_t = torch::stable::empty({B, N}, acc_scalar_type<Acc>());
+      factor1<Acc>(d, x, w1, static_cast<Acc*>(mid_t.data_ptr()));
+      mid = static_cast<const Acc*>(mid_t.data_ptr());
+    }
     // dw2[c,d,a] = Σ_b g[b, d·l + c] · mid[b, a·l + c]
     strided_batched_gemm<Acc, T, Acc, T>(l, d.s, d.r, B, operand<const T>(g, 1, l, m),
                                          operand<const Acc>(mid, 1, N, l), operand<T>(dw2, d.s * d.r, d.r, 1));
@@ -215,15 +234,52 @@ Tensor monarch_matmul_cpu(Tensor x, Tensor w1, Tensor w2) {
   dispatch_float(x.scalar_type(), kFwd, [&](auto tag) {
     using T = decltype(tag);
     forward<T>(d, static_cast<const T*>(x.data_ptr()), static_cast<const T*>(w1.data_ptr()),
-               static_cast<const T*>(w2.data_ptr()), static_cast<T*>(out.data_ptr()));
+               static_cast<const T*>(w2.data_ptr()), static_cast<T*>(out.data_ptr()), nullptr);
   });
   return out;
 }
 
-std::tuple<Tensor, Tensor, Tensor> monarch_matmul_backward_cpu(Tensor grad_out, Tensor x, Tensor w1, Tensor w2,
-                                                               bool need_grad_x, bool need_grad_w) {
-  const MonarchDims d = monarch_dims(kBwd, x, w1, w2);
-  check_grad_out(kBwd, grad_out, x, d.out);
+// monarch_matmul's output and the middle activation y (x's leading dims, k·q) in the accumulation dtype.
+std::tuple<Tensor, Tensor> monarch_matmul_forward_saving_cpu(Tensor x, Tensor w1, Tensor w2) {
+  const MonarchDims d = monarch_dims(kFwdSave, x, w1, w2);
+  STD_TORCH_CHECK(x.is_cpu(), kFwdSave, ": only the CPU keeps the middle activation; got a tensor on ",
+                  device_name(x), " (use monarch_matmul, whose backward recomputes it)");
+  x = torch::stable::contiguous(x);
+  w1 = torch::stable::contiguous(w1);
+  w2 = torch::stable::contiguous(w2);
+  Tensor out = torch::stable::new_empty(x, out_shape_like(x, d.out));
+  const ScalarType acc = x.scalar_type() == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+  Tensor mid = torch::stable::new_empty(x, out_shape_like(x, d.mid), acc);
+  if (d.batch == 0) return {out, mid};
+  dispatch_float(x.scalar_type(), kFwdSave, [&](auto tag) {
+    using T = decltype(tag);
+    forward<T>(d, static_cast<const T*>(x.data_ptr()), static_cast<const T*>(w1.data_ptr()),
+               static_cast<const T*>(w2.data_ptr()), static_cast<T*>(out.data_ptr()),
+               static_cast<acc_t<T>*>(mid.data_ptr()));
+  });
+  return {out, mid};
+}
+
+// Shared by both backward ops; mid: null (recompute) or the forward's saved middle activation.
+std::tuple<Tensor, Tensor, Tensor> backward_impl(const char* op, Tensor grad_out, Tensor x, Tensor w1, Tensor w2,
+                                                 const Tensor* mid, bool need_grad_x, bool need_grad_w) {
+  const MonarchDims d = monarch_dims(op, x, w1, w2);
+  check_grad_out(op, grad_out, x, d.out);
+  Tensor mid_c;
+  if (mid != nullptr) {
+    const ScalarType acc = x.scalar_type() == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+    STD_TORCH_CHECK(mid->scalar_type() == acc, op, ": mid must be ", torch::headeronly::toString(acc),
+                    " (the accumulation dtype of ", torch::headeronly::toString(x.scalar_type()), " inputs), got ",
+                    torch::headeronly::toString(mid->scalar_type()));
+    check_same_device(op, *mid, "mid", x, "x");
+    const auto want = out_shape_like(x, d.mid);
+    bool ok = mid->dim() == static_cast<int64_t>(want.size());
+    for (int64_t i = 0; ok && i < mid->dim(); ++i) ok = mid->size(i) == want[static_cast<size_t>(i)];
+    STD_TORCH_CHECK(ok, op, ": mid must have shape (x's leading dims, k·q = ", d.mid,
+                    "), the middle activation monarch_matmul_forward_saving returned");
+    mid_c = torch::stable::contiguous(*mid);
+  }
+  STD_TORCH_CHECK(x.is_cpu(), op, ": the CPU kernel got a tensor on ", device_name(x));
   grad_out = torch::stable::contiguous(grad_out);
   x = torch::stable::contiguous(x);
   w1 = torch::stable::contiguous(w1);
@@ -239,10 +295,22 @@ std::tuple<Tensor, Tensor, Tensor> monarch_matmul_backward_cpu(Tensor grad_out, 
   dispatch_float(x.scalar_type(), kBwd, [&](auto tag) {
     using T = decltype(tag);
     auto ptr = [](const Tensor& t) { return static_cast<T*>(t.data_ptr()); };
-    backward<T>(d, ptr(grad_out), ptr(x), ptr(w1), ptr(w2), need_grad_x ? ptr(dx) : nullptr,
+    const auto* saved = mid != nullptr ? static_cast<const acc_t<T>*>(mid_c.data_ptr()) : nullptr;
+    backward<T>(d, ptr(grad_out), ptr(x), ptr(w1), ptr(w2), saved, need_grad_x ? ptr(dx) : nullptr,
                 need_grad_w ? ptr(dw1) : nullptr, need_grad_w ? ptr(dw2) : nullptr);
   });
   return {dx, dw1, dw2};
+}
+
+std::tuple<Tensor, Tensor, Tensor> monarch_matmul_backward_cpu(Tensor grad_out, Tensor x, Tensor w1, Tensor w2,
+                                                               bool need_grad_x, bool need_grad_w) {
+  return backward_impl(kBwd, grad_out, x, w1, w2, nullptr, need_grad_x, need_grad_w);
+}
+
+std::tuple<Tensor, Tensor, Tensor> monarch_matmul_backward_saved_cpu(Tensor grad_out, Tensor x, Tensor w1,
+                                                                     Tensor w2, Tensor mid, bool need_grad_x,
+                                                                     bool need_grad_w) {
+  return backward_impl(kBwdSaved, grad_out, x, w1, w2, &mid, need_grad_x, need_grad_w);
 }
 
 }  // namespace
@@ -251,4 +319,6 @@ std::tuple<Tensor, Tensor, Tensor> monarch_matmul_backward_cpu(Tensor grad_out, 
 STABLE_TORCH_LIBRARY_IMPL(lowrank, CPU, m) {
   m.impl("monarch_matmul", TORCH_BOX(&lowrank::monarch_matmul_cpu));
   m.impl("monarch_matmul_backward", TORCH_BOX(&lowrank::monarch_matmul_backward_cpu));
+  m.impl("monarch_matmul_forward_saving", TORCH_BOX(&lowrank::monarch_matmul_forward_saving_cpu));
+  m.impl("monarch_matmul_backward_saved", TORCH_BOX(&lowrank::monarch_matmul_backward_saved_cpu));
 }

@@ -18,7 +18,7 @@ from .ops.ifairy import *  # noqa: E402,F401,F403
 from .ops.projection import *  # noqa: E402,F401,F403
 
 if not _HAS_CUDA_KERNELS:
-    _loader.register_missing_cuda(ops.OP_NAMES)
+    _loader.register_missing_cuda([n for n in ops.OP_NAMES if n not in ops.CPU_ONLY_OP_NAMES])
 
 from . import nn  # noqa: E402
 from . import optim  # noqa: E402

@@ -68,12 +68,15 @@ class MonarchLinear(nn.Module):
     is zero-padded to ``nblocks·ceil(in/nblocks)`` and the output cut to ``out_features``. Parameters and
     multiply-adds per token are ``saving × in·out`` (e.g. 0.3125 for 768→3072 at nblocks=4).
     Init: each factor Kaiming-uniform (a=√5, fan_in = the block's input size); bias uniform ±1/√in_features
-    like ``nn.Linear`` (fly uses out_features there).
+    like ``nn.Linear`` (fly uses out_features there). ``save_middle``: passed to
+    :func:`lowrank.monarch_matmul` (``None``: keep the middle activation for the backward on the CPU,
+    recompute it on CUDA).
     """
 
     def __init__(self, in_features: int, out_features: int, nblocks: int = 4, bias: bool = True,
-                 device=None, dtype=None):
+                 device=None, dtype=None, save_middle: bool | None = None):
         super().__init__()
+        self.save_middle = save_middle
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.nblocks = in_features, out_features, nblocks
         shape1, shape2 = monarch_factor_shapes(in_features, out_features, nblocks)
@@ -101,7 +104,7 @@ class MonarchLinear(nn.Module):
             raise ValueError(f"MonarchLinear: expected input (..., {self.in_features}), got {tuple(x.shape)}")
         if self.in_features_extended != self.in_features:
             x = F.pad(x, (0, self.in_features_extended - self.in_features))
-        y = monarch_matmul(x, self.blkdiag1, self.blkdiag2)
+        y = monarch_matmul(x, self.blkdiag1, self.blkdiag2, save_middle=self.save_middle)
         if self.out_features_extended != self.out_features:
             y = y[..., : self.out_features]
         return y + self.bias if self.bias is not None else y

@@ -7,9 +7,20 @@ from ._autograd import refuse_double_backward
 
 _FWD = "lowrank::monarch_matmul"
 _BWD = "lowrank::monarch_matmul_backward"
+_FWD_SAVE = "lowrank::monarch_matmul_forward_saving"
+_BWD_SAVED = "lowrank::monarch_matmul_backward_saved"
+
+# save_middle=None keeps the middle activation on the CPU when a block dimension exceeds this: the CPU
+# kernel's fused tile schedule (csrc/monarch/monarch_cpu.cpp, fits_fused) takes blocks up to 128 and
+# recomputes y in cache; larger blocks run one GEMM per step, where the recompute is a full extra GEMM.
+_SAVE_ABOVE = 128
+
+# Ops with a CPU kernel only: their CUDA kernel is a stub that says so (registered below).
+CPU_ONLY_OP_NAMES = ["monarch_matmul_forward_saving", "monarch_matmul_backward_saved"]
 
 
-def monarch_matmul(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch.Tensor:
+def monarch_matmul(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, *,
+                   save_middle: bool | None = None) -> torch.Tensor:
     """Multiply ``x`` by the Monarch matrix ``P·BD(w2)·P·BD(w1)``; fly's ``blockdiag_butterfly_multiply``.
 
     Args:
@@ -24,9 +35,27 @@ def monarch_matmul(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor) -> torch
         - ``out[b, d·l + c] = Σ_a w2[c, d, a] · y[b, a·l + c]``
 
     Accumulation is fp32 (fp64 for float64) and the middle activation is kept in fp32 on the CPU.
-    Differentiable in x, w1 and w2; the backward recomputes the middle activation, so only x, w1 and w2
-    are saved (fly also saves a ``(B, k·q)`` intermediate). All tensors on one device, one dtype.
+    Differentiable in x, w1 and w2. All tensors on one device, one dtype.
+
+    save_middle: what the backward gets when a weight needs a gradient (dw2 needs the middle activation
+    ``y``). ``False``: recompute y in the backward, so autograd keeps only x, w1 and w2 (one extra
+    factor-1 GEMM per backward). ``True``: keep y (``(B, k·q)`` in fp32, fp64 for float64 inputs; fly's bmm
+    path keeps a ``(B, k·q)`` tensor too) and skip that GEMM, a fifth of the backward's work; CPU only.
+    ``None`` (default): ``True`` on the CPU when a block dimension exceeds 128 (there the GEMMs bound the
+    speed and the recompute is a big one; smaller blocks recompute y tile by tile in cache for about
+    nothing), ``False`` otherwise and on CUDA, where activation memory is usually the constraint. Without
+    grad mode or a weight that requires grad, nothing is kept either way. The gradients do not depend on
+    the choice beyond rounding.
     """
+    if save_middle is None:
+        save_middle = x.device.type == "cpu" and max(w1.shape[-2:] + w2.shape[-2:], default=0) > _SAVE_ABOVE
+    elif save_middle and x.device.type != "cpu":
+        raise NotImplementedError(
+            f"lowrank.monarch_matmul: save_middle=True is CPU only (x is on {x.device.type}); the CUDA backward "
+            "recomputes the middle activation: pass save_middle=None or False"
+        )
+    if save_middle and torch.is_grad_enabled() and (w1.requires_grad or w2.requires_grad):
+        return torch.ops.lowrank.monarch_matmul_forward_saving(x, w1, w2)[0]
     return torch.ops.lowrank.monarch_matmul(x, w1, w2)
 
 
@@ -34,6 +63,18 @@ def monarch_matmul_backward(grad_out, x, w1, w2, need_grad_x: bool = True, need_
     """Gradients ``(grad_x, grad_w1, grad_w2)`` of :func:`monarch_matmul`; an entry not asked for is an
     empty ``(0,)`` tensor."""
     return torch.ops.lowrank.monarch_matmul_backward(grad_out, x, w1, w2, need_grad_x, need_grad_w)
+
+
+def monarch_matmul_forward_saving(x, w1, w2):
+    """``(out, mid)``: :func:`monarch_matmul`'s output and its middle activation ``y`` (x's leading dims,
+    ``k·q``; float32, float64 for float64 inputs), for :func:`monarch_matmul_backward_saved`. CPU only."""
+    return torch.ops.lowrank.monarch_matmul_forward_saving(x, w1, w2)
+
+
+def monarch_matmul_backward_saved(grad_out, x, w1, w2, mid, need_grad_x: bool = True, need_grad_w: bool = True):
+    """:func:`monarch_matmul_backward` with the middle activation ``mid`` from
+    :func:`monarch_matmul_forward_saving` instead of recomputing it. CPU only."""
+    return torch.ops.lowrank.monarch_matmul_backward_saved(grad_out, x, w1, w2, mid, need_grad_x, need_grad_w)
 
 
 def _check_meta(op: str, x, w1, w2):
@@ -76,6 +117,32 @@ def _monarch_matmul_backward_fake(grad_out, x, w1, w2, need_grad_x, need_grad_w)
     return dx, dw1, dw2
 
 
+def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
+    return torch.float64 if dtype == torch.float64 else torch.float32
+
+
+@torch.library.register_fake(_FWD_SAVE)
+def _monarch_matmul_forward_saving_fake(x, w1, w2):
+    op = "lowrank.monarch_matmul_forward_saving"
+    out = _check_meta(op, x, w1, w2)
+    torch._check(x.device.type == "cpu", lambda: f"{op}: CPU only, got a tensor on {x.device.type}")
+    mid = w1.shape[0] * w1.shape[1]
+    return x.new_empty((*x.shape[:-1], out)), x.new_empty((*x.shape[:-1], mid), dtype=_acc_dtype(x.dtype))
+
+
+@torch.library.register_fake(_BWD_SAVED)
+def _monarch_matmul_backward_saved_fake(grad_out, x, w1, w2, mid, need_grad_x, need_grad_w):
+    op = "lowrank.monarch_matmul_backward_saved"
+    torch._check(mid.dtype == _acc_dtype(x.dtype),
+                 lambda: f"{op}: mid must be {_acc_dtype(x.dtype)} (the accumulation dtype of {x.dtype} inputs)")
+    torch._check(
+        tuple(mid.shape) == (*x.shape[:-1], w1.shape[0] * w1.shape[1]),
+        lambda: f"{op}: mid must have shape (x's leading dims, k·q), the middle activation of the forward",
+    )
+    torch._check(mid.device == x.device, lambda: f"{op}: mid and x must be on the same device")
+    return _monarch_matmul_backward_fake(grad_out, x, w1, w2, need_grad_x, need_grad_w)
+
+
 def _setup_context(ctx, inputs, output):
     x, w1, w2 = inputs
     ctx.save_for_backward(x, w1, w2)
@@ -93,6 +160,35 @@ def _backward(ctx, grad_out):
     )
 
 
+def _setup_context_saving(ctx, inputs, output):
+    x, w1, w2 = inputs
+    ctx.save_for_backward(x, w1, w2, output[1])
+    ctx.mark_non_differentiable(output[1])
+
+
+def _backward_saved(ctx, grad_out, _grad_mid):
+    x, w1, w2, mid = ctx.saved_tensors
+    need_x = ctx.needs_input_grad[0]
+    need_w = ctx.needs_input_grad[1] or ctx.needs_input_grad[2]
+    dx, dw1, dw2 = torch.ops.lowrank.monarch_matmul_backward_saved(grad_out, x, w1, w2, mid, need_x, need_w)
+    return (
+        dx if need_x else None,
+        dw1 if ctx.needs_input_grad[1] else None,
+        dw2 if ctx.needs_input_grad[2] else None,
+    )
+
+
 torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
+torch.library.register_autograd(_FWD_SAVE, _backward_saved, setup_context=_setup_context_saving)
 
 refuse_double_backward(_BWD, "lowrank.monarch_matmul")
+refuse_double_backward(_BWD_SAVED, "lowrank.monarch_matmul")
+
+for _name in CPU_ONLY_OP_NAMES:
+    def _cpu_only(*args, _name=_name, **kwargs):
+        raise RuntimeError(
+            f"lowrank.{_name}: CPU only (got a CUDA tensor); on CUDA, monarch_matmul's backward recomputes the "
+            "middle activation"
+        )
+
+    torch.library.impl(f"lowrank::{_name}", "CUDA")(_cpu_only)
