@@ -60,13 +60,15 @@ VECTOR_X = ("x_1d", (), (4, 4, 4), (4, 4, 4))
 # Past every CPU GEMM tile edge (MC=96, MT=192, NC=1024 floats, KC=256): odd K > KC, N > NC, M > MT.
 TILE_EDGES = ("tile_edges", (397,), (2, 259, 257), (2, 385, 259))
 TILE_EDGES_WIDE = ("tile_edges_wide", (397,), (1, 1031, 13), (1, 7, 1031))
+# Large blocks with more than 512 rows: the GEMMs' row-tiled schedule (up to 512 rows, one task per group).
+TALL_TWO_PASS = ("tall_two_pass_b600", (600,), (2, 130, 3), (2, 5, 130))
 
 VALUE_SHAPES = [SQRT_16, SQRT_1024, FLY_RECT, ML_768_3072, ML_3072_768, ML_PAD, ODD, P1, Q1, K1, L1,
-                BATCH_DIMS, BATCH_1, BATCH_769, VECTOR_X, TILE_EDGES, TILE_EDGES_WIDE]
+                BATCH_DIMS, BATCH_1, BATCH_769, VECTOR_X, TILE_EDGES, TILE_EDGES_WIDE, TALL_TWO_PASS]
 GRADCHECK_SHAPES = [SQRT_16, ("odd_small", (2,), (3, 5, 7), (5, 9, 3)), ("rect_small", (2,), (4, 3, 2), (2, 5, 6)),
                     P1, Q1, ("batch_2x3", (2, 3), (2, 3, 4), (3, 2, 2)), ML_PAD]
 GRAD_SHAPES = [("sqrt_n1024_b8", (8,), (32, 32, 32), (32, 32, 32)), FLY_RECT, ML_768_3072, ML_3072_768,
-               ("odd_b33", (33,), (3, 5, 7), (5, 9, 3)), BATCH_DIMS, TILE_EDGES, TILE_EDGES_WIDE]
+               ("odd_b33", (33,), (3, 5, 7), (5, 9, 3)), BATCH_DIMS, TILE_EDGES, TILE_EDGES_WIDE, TALL_TWO_PASS]
 OPCHECK_SHAPES = [SQRT_16, ODD, BATCH_DIMS]
 DENSE_SHAPES = [SQRT_16, ODD, FLY_RECT, ML_PAD, P1, Q1]
 
@@ -401,7 +403,7 @@ def test_backward_with_noncontiguous_grad_out(device):
 # --------------------------------------------------------------------------------------------------------------
 # Blocks of at most 128 run the CPU kernel's fused tile schedule, larger ones the GEMM-per-step schedule:
 # both are covered with the middle activation kept and recomputed.
-SAVE_SHAPES = [("small_blocks", (9,), (3, 5, 7), (5, 9, 3)), ML_3072_768, ML_768_3072, TILE_EDGES,
+SAVE_SHAPES = [("small_blocks", (9,), (3, 5, 7), (5, 9, 3)), ML_3072_768, ML_768_3072, TILE_EDGES, TALL_TWO_PASS,
                ("two_pass_batch_dims", (2, 3), (2, 130, 3), (2, 5, 130))]
 
 
@@ -421,6 +423,26 @@ def test_save_middle_gradients_match_reference(shape, dtype, save_middle):
     for label, o, t, sd in zip(("dx", "dw1", "dw2"), ours, truth, same_dtype):
         assert o.dtype == dtype
         assert_close_to_ref(f"{name} {label}", o, t, sd)
+
+
+@pytest.mark.parametrize("threads", [1, 3])
+@pytest.mark.parametrize("shape", [TILE_EDGES, TALL_TWO_PASS, ML_3072_768], ids=shape_id)
+def test_gemm_schedules_any_thread_count(shape, threads):
+    """The CPU GEMMs pick their task split from the thread count (whole-row tasks, or row tiles over a
+    pre-packed B): each split gives the reference's output and gradients."""
+    name, lead, s1, s2 = shape
+    x, w1, w2 = make_inputs(lead, s1, s2)
+    grad_out = torch.randn(*lead, s2[0] * s2[1])
+    before = torch.get_num_threads()
+    torch.set_num_threads(threads)
+    try:
+        out = lowrank.monarch_matmul(x, w1, w2)
+        ours = grads_of(lowrank.monarch_matmul, x, w1, w2, grad_out)
+    finally:
+        torch.set_num_threads(before)
+    assert_close_to_ref(f"{name} out", out, reference64(x, w1, w2))
+    for label, o, t in zip(("dx", "dw1", "dw2"), ours, grads_of_reference64(x, w1, w2, grad_out)):
+        assert_close_to_ref(f"{name} {label}", o, t)
 
 
 @pytest.mark.parametrize("shape", [("small", (2,), (3, 5, 7), (5, 9, 3)), ("two_pass", (2,), (2, 130, 2), (2, 3, 130))],
@@ -514,6 +536,7 @@ def test_opcheck_saving_ops(shape, flags):
                           (grad_out, x.detach(), w1.detach(), w2.detach(), mid, *flags))
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and lowrank's CUDA kernels")
 def test_save_middle_on_cuda_is_refused_or_recomputed():
     x, w1, w2 = make_inputs((4,), (3, 5, 7), (5, 9, 3), device="cuda", requires_grad=True)

@@ -111,8 +111,24 @@ struct GemmWorkspace {
   static constexpr int64_t MC = 16 * MR, MT = 2 * MC, NC = 64 * NR, KC = 256;
   std::unique_ptr<Acc, detail::FreeDeleter> a = detail::aligned_buffer<Acc>(MC * KC);
   std::unique_ptr<Acc, detail::FreeDeleter> b = detail::aligned_buffer<Acc>(KC * NC);
-  std::unique_ptr<Acc, detail::FreeDeleter> c = detail::aligned_buffer<Acc>(MT * NC);
+  std::unique_ptr<Acc, detail::FreeDeleter> c = detail::aligned_buffer<Acc>(MT * (NC + NR));
+  int64_t c_size = MT * (NC + NR);
+  // the C tile buffer, grown to hold `elems` (gemm_tile's rows may exceed MT when the caller asks)
+  Acc* c_buffer(int64_t elems) {
+    if (elems > c_size) c = detail::aligned_buffer<Acc>(c_size = elems);
+    return c.get();
+  }
 };
+
+// Row stride of a C tile buffer holding `width` columns: rounded up to NR, plus one NR strip when the
+// row pitch is a multiple of 1 KiB, so that the micro-kernel's 6 C rows fall in different L1 sets (a
+// 4 KiB pitch puts all 12 of their lines in one 8-way set: conflict misses on every call).
+template <typename Acc>
+int64_t c_buffer_ld(int64_t width) {
+  constexpr int64_t NR = GemmWorkspace<Acc>::NR;
+  const int64_t ld = (width + NR - 1) / NR * NR;
+  return (ld * int64_t(sizeof(Acc))) % 1024 == 0 ? ld + NR : ld;
+}
 
 // Pack a whole K x N operand (K <= KC, N <= NC) once, for gemm_tile calls that reuse it.
 template <typename Acc, typename TB>
@@ -122,7 +138,7 @@ void pack_b(Acc* dst, int64_t K, int64_t N, Operand<const TB> B) {
 }
 
 // One C tile, serially: C[mlen x nlen] = A[mlen x K] · B[K x nlen] (operands already offset to the tile),
-// mlen <= MT, nlen <= NC. A task owns the whole tile in an Acc buffer, so one packed B slice serves up to
+// nlen <= NC (mlen above MT grows the workspace's C buffer). A task owns the whole tile in an Acc buffer, so one packed B slice serves up to
 // several packed A blocks. packed_b, if given, is B already packed: per KC slice of K, ceil(nlen / NR)
 // strips of klen x NR (pack_b's layout when K <= KC). accumulate: C += alpha·A·B, else C = alpha·A·B.
 // TA/TB/TC: storage types (float, double, c10::Half, c10::BFloat16).
@@ -132,12 +148,12 @@ void gemm_tile(int64_t mlen, int64_t nlen, int64_t K, Operand<const TA> A, Opera
   using W = GemmWorkspace<Acc>;
   constexpr int64_t MR = W::MR, NR = W::NR, MC = W::MC, KC = W::KC;
   Acc* Ap = ws.a.get();
-  Acc* Cb = ws.c.get();
-  const int64_t n_strips = (nlen + NR - 1) / NR, ldc = n_strips * NR;
+  const int64_t n_strips = (nlen + NR - 1) / NR, ldb = n_strips * NR, ldc = c_buffer_ld<Acc>(nlen);
+  Acc* Cb = ws.c_buffer((mlen + MR - 1) / MR * MR * ldc);
   std::memset(Cb, 0, sizeof(Acc) * ((mlen + MR - 1) / MR * MR) * ldc);  // incl. the last strip's slack rows
   for (int64_t k0 = 0; k0 < K; k0 += KC) {
     const int64_t klen = std::min(KC, K - k0);
-    const Acc* Bp = packed_b == nullptr ? nullptr : packed_b + (k0 / KC) * KC * ldc;
+    const Acc* Bp = packed_b == nullptr ? nullptr : packed_b + (k0 / KC) * KC * ldb;
     if (Bp == nullptr) {
       pack_strips<NR, Acc>(ws.b.get(), &B.at(0, k0, 0), B.cs, B.rs, nlen, klen);
       Bp = ws.b.get();
@@ -192,6 +208,9 @@ inline int64_t balanced_tile(int64_t len, int64_t max_tile, int64_t align) {
   return std::min(max_tile, (even + align - 1) / align * align);
 }
 
+// Up to this many rows, strided_batched_gemm gives each task all M rows (see there).
+constexpr int64_t kWholeM = 512;
+
 // for g < G: C_g = alpha · A_g · B_g. B is packed once for the whole call (every task of a row range would
 // otherwise repack it), then tasks of at most MT x NC tiles of C spread over torch's thread pool.
 template <typename Acc, typename TA, typename TB, typename TC>
@@ -199,8 +218,23 @@ void strided_batched_gemm(int64_t G, int64_t M, int64_t N, int64_t K, Operand<co
                           Operand<TC> C, Acc alpha = Acc(1)) {
   using W = GemmWorkspace<Acc>;
   if (G <= 0 || M <= 0 || N <= 0) return;
-  const int64_t mt = balanced_tile(M, W::MT, W::MR), nt_w = balanced_tile(N, W::NC, W::NR);
-  const int64_t m_tiles = (M + mt - 1) / mt, n_tiles = (N + nt_w - 1) / nt_w;
+  const int64_t threads = std::max<int64_t>(1, torch::stable::get_num_threads());
+  const int64_t nt_w = balanced_tile(N, W::NC, W::NR), n_tiles = (N + nt_w - 1) / nt_w;
+  if (M <= kWholeM && G * n_tiles >= threads) {
+    // Few rows and enough (group, column tile) tasks for every thread: one task per tile of all M rows,
+    // packing its B slices as it goes, so B is read once, straight into the cache that uses it. (A
+    // whole-B pre-pack would write and re-read a B-sized copy, from memory for large B.)
+    parallel_tasks(
+        G * n_tiles, [] { return std::make_unique<W>(); },
+        [&](std::unique_ptr<W>& ws, int64_t task) {
+          const int64_t g = task / n_tiles, n0 = task % n_tiles * nt_w;
+          gemm_tile<Acc>(M, std::min(nt_w, N - n0), K, A.shifted(g, 0, 0), B.shifted(g, 0, n0),
+                         C.shifted(g, 0, n0), *ws, nullptr, false, alpha);
+        });
+    return;
+  }
+  const int64_t mt = balanced_tile(M, W::MT, W::MR);
+  const int64_t m_tiles = (M + mt - 1) / mt;
   const int64_t k_blocks = std::max<int64_t>(1, (K + W::KC - 1) / W::KC);
   const int64_t last_n = N - (n_tiles - 1) * nt_w;
   const int64_t group_size = (n_tiles - 1) * K * nt_w + K * ((last_n + W::NR - 1) / W::NR * W::NR);

@@ -3,6 +3,9 @@
 Counting, per row of B tokens, w1 ``(k, q, p)`` and w2 ``(l, s, r)``:
   FLOPs  fwd = 2·B·(k·q·p + l·s·r);  fwd+bwd = 3 × fwd (dx, dw1 and dw2 each cost about one forward).
   bytes  fwd = |x| + |w1| + |w2| + |out|;  fwd+bwd = 2 × fwd (each tensor and its gradient moved once).
+"ours" is ``lowrank.monarch_matmul`` with its default ``save_middle=None``: on a CPU, rows whose blocks
+exceed 128 keep the middle activation for the backward (the memory fly's path keeps too), the others and
+every CUDA row recompute it in the backward.
 Every row is first checked against ``monarch_matmul_reference`` in float64 (output, and in fwd+bwd also
 the three gradients): max |ours − ref| / max |ref|, against a tolerance per dtype.
 """
@@ -20,7 +23,7 @@ from lowrank.reference import monarch_matmul_bmm, monarch_matmul_reference, mona
 
 from . import Rows
 from .hardware import DTYPE_NAMES, roofline
-from .timing import peak_memory_mb, time_ms
+from .timing import peak_memory_mb, time_ms_each
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 
@@ -68,14 +71,14 @@ def _max_err(fn, x, w1, w2, grad, refs) -> float:
     return max(errs, key=lambda e: math.inf if math.isnan(e) else e)  # a NaN must win, and fail
 
 
-def _timed(make_out, inputs, grad, device):
-    """(ms, peak MiB) of a forward, or of forward + backward when ``grad`` is given."""
+def _call(make_out, inputs, grad):
+    """A forward, or forward + backward when ``grad`` is given."""
     if grad is None:
-        fn = make_out
-    else:
-        def fn():
-            return torch.autograd.grad(make_out(), inputs, grad)
-    return time_ms(fn, device), peak_memory_mb(fn, device)
+        return make_out
+
+    def fn():
+        return torch.autograd.grad(make_out(), inputs, grad)
+    return fn
 
 
 def measure(case: Case, device: str) -> dict:
@@ -112,11 +115,14 @@ def measure(case: Case, device: str) -> dict:
         row["ok"] = row["max_err"] <= row["tol"]
         del refs
         ins = (x, w1, w2)
-        row["ours_ms"], row["ours_mb"] = _timed(lambda: lowrank.monarch_matmul(*ins), ins, grad, device)
-        row["bmm_ms"], row["bmm_mb"] = _timed(lambda: monarch_matmul_bmm(*ins), ins, grad, device)
         dense = monarch_to_dense(w1.detach(), w2.detach()).requires_grad_(bwd)
-        row["dense_ms"], _ = _timed(lambda: F.linear(x, dense), (x, dense), grad, device)
-        del dense
+        fns = {"ours": _call(lambda: lowrank.monarch_matmul(*ins), ins, grad),
+               "bmm": _call(lambda: monarch_matmul_bmm(*ins), ins, grad),
+               "dense": _call(lambda: F.linear(x, dense), (x, dense), grad)}
+        ms = time_ms_each(fns, device)
+        row["ours_ms"], row["bmm_ms"], row["dense_ms"] = ms["ours"], ms["bmm"], ms["dense"]
+        row["ours_mb"], row["bmm_mb"] = peak_memory_mb(fns["ours"], device), peak_memory_mb(fns["bmm"], device)
+        del dense, fns
     except Exception as e:  # noqa: BLE001 -- one broken row must not hide the others
         row["ok"], row["error"] = False, f"{type(e).__name__}: {e}".splitlines()[0][:200]
         if device.startswith("cuda"):

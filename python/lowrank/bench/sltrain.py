@@ -30,7 +30,7 @@ from lowrank.reference import sltrain_linear_official, sltrain_linear_reference,
 
 from . import Rows
 from .hardware import DTYPE_NAMES, roofline
-from .timing import peak_memory_mb, time_ms
+from .timing import peak_memory_mb, time_ms_each
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
 SCALE = 0.25  # SLTrain's alpha / r-style multiplier of B·A; any value other than 1 exercises it
@@ -87,14 +87,14 @@ def _official(x, A, B, values, indices):
     return sltrain_linear_official(x, A, B, values, indices, SCALE)
 
 
-def _timed(make_out, inputs, grad, device):
-    """(ms, peak MiB) of a forward, or of forward + backward when ``grad`` is given."""
+def _call(make_out, inputs, grad):
+    """A forward, or forward + backward when ``grad`` is given."""
     if grad is None:
-        fn = make_out
-    else:
-        def fn():
-            return torch.autograd.grad(make_out(), inputs, grad)
-    return time_ms(fn, device), peak_memory_mb(fn, device)
+        return make_out
+
+    def fn():
+        return torch.autograd.grad(make_out(), inputs, grad)
+    return fn
 
 
 def measure(case: Case, device: str) -> dict:
@@ -134,11 +134,15 @@ def measure(case: Case, device: str) -> dict:
         row["ok"] = row["max_err"] <= row["tol"]
         del refs
         ins = (x, A, B, values)
-        row["ours_ms"], row["ours_mb"] = _timed(lambda: _ours(*ins, idx32, check=False), ins, grad, device)
-        row["official_ms"], row["official_mb"] = _timed(lambda: _official(*ins, idx64), ins, grad, device)
         dense = sltrain_weight(A.detach(), B.detach(), values.detach(), idx64, SCALE).requires_grad_(bwd)
-        row["dense_ms"], row["dense_mb"] = _timed(lambda: F.linear(x, dense), (x, dense), grad, device)
-        del dense
+        fns = {"ours": _call(lambda: _ours(*ins, idx32, check=False), ins, grad),
+               "official": _call(lambda: _official(*ins, idx64), ins, grad),
+               "dense": _call(lambda: F.linear(x, dense), (x, dense), grad)}
+        ms = time_ms_each(fns, device)
+        row["ours_ms"], row["official_ms"], row["dense_ms"] = ms["ours"], ms["official"], ms["dense"]
+        for name in fns:
+            row[f"{name}_mb"] = peak_memory_mb(fns[name], device)
+        del dense, fns
     except Exception as e:  # noqa: BLE001 -- one broken row must not hide the others
         row["ok"], row["error"] = False, f"{type(e).__name__}: {e}".splitlines()[0][:200]
         if device.startswith("cuda"):

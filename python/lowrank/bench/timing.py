@@ -3,7 +3,8 @@
 GPU: CUDA events around each rep, with the L2 cache overwritten before every rep so that no rep reads
 its inputs from the previous one's cache; median of the reps. CPU: torch.utils.benchmark's
 blocked_autorange median, on all the threads torch uses (its default is one thread); a call
-slower than max_call_s is timed once, to keep a CPU run within minutes.
+slower than max_call_s is timed once, to keep a CPU run within minutes. Rows that compare candidates
+(Monarch, SLTrain) time them with time_ms_each, which on a CPU interleaves them in rounds.
 """
 from __future__ import annotations
 
@@ -60,6 +61,39 @@ def time_ms(fn: Callable[[], object], device: str, *, warmup_ms: float = 25.0, r
         e.record()
     torch.cuda.synchronize(dev)
     return statistics.median(s.elapsed_time(e) for s, e in zip(starts, ends))
+
+
+def time_ms_each(fns: dict[str, Callable[[], object]], device: str, *, min_run_time: float = 0.2,
+                 max_call_s: float = 1.0, block_s: float = 0.02) -> dict[str, float]:
+    """Median milliseconds of one call of each candidate, measured so that they can be compared.
+
+    GPU: ``time_ms`` of each (events and L2 flushes make each figure stable on its own). CPU: the candidates
+    run interleaved, in rounds (a block of about ``block_s`` seconds of calls of each, the order reversed
+    every other round), for at least 5 rounds and ``min_run_time`` seconds per candidate; each figure is the
+    median over its blocks. A shared or virtual CPU's speed drifts by tens of percent over seconds, which
+    timing the candidates one after the other turns into a bias of the ratio. A candidate slower than
+    ``max_call_s`` is reported from its warm-up call.
+    """
+    if device.startswith("cuda"):
+        return {name: time_ms(fn, device) for name, fn in fns.items()}
+    once: dict[str, float] = {}
+    for name, fn in fns.items():
+        start = time.perf_counter()
+        fn()
+        once[name] = time.perf_counter() - start
+    timed = [name for name in fns if once[name] <= max_call_s]
+    calls = {name: max(1, int(block_s / max(once[name], 1e-6))) for name in timed}
+    blocks: dict[str, list[float]] = {name: [] for name in timed}
+    start, rounds = time.perf_counter(), 0
+    while timed and (rounds < 5 or time.perf_counter() - start < min_run_time * len(timed)):
+        for name in timed if rounds % 2 == 0 else timed[::-1]:
+            fn, n = fns[name], calls[name]
+            t = time.perf_counter()
+            for _ in range(n):
+                fn()
+            blocks[name].append((time.perf_counter() - t) / n)
+        rounds += 1
+    return {name: (statistics.median(blocks[name]) if name in blocks else once[name]) * 1e3 for name in fns}
 
 
 def peak_memory_mb(fn: Callable[[], object], device: str) -> float | None:
