@@ -68,9 +68,9 @@ def time_ms_each(fns: dict[str, Callable[[], object]], device: str, *, min_run_t
     """Median milliseconds of one call of each candidate, measured so that they can be compared.
 
     GPU: ``time_ms`` of each (events and L2 flushes make each figure stable on its own). CPU: the candidates
-    run interleaved, in rounds (a block of about ``block_s`` seconds of calls of each, the order reversed
-    every other round), for at least 5 rounds and ``min_run_time`` seconds per candidate; each figure is the
-    median over its blocks. A shared or virtual CPU's speed drifts by tens of percent over seconds, which
+    run interleaved, in rounds (a ``torch.utils.benchmark`` ``timeit`` block of about ``block_s`` seconds of
+    calls of each, the order reversed every other round), for at least 5 rounds and ``min_run_time`` seconds
+    per candidate; each figure is the median over its blocks. A shared or virtual CPU's speed drifts by tens of percent over seconds, which
     timing the candidates one after the other turns into a bias of the ratio. A candidate slower than
     ``max_call_s`` is reported from its warm-up call.
     """
@@ -83,15 +83,13 @@ def time_ms_each(fns: dict[str, Callable[[], object]], device: str, *, min_run_t
         once[name] = time.perf_counter() - start
     timed = [name for name in fns if once[name] <= max_call_s]
     calls = {name: max(1, int(block_s / max(once[name], 1e-6))) for name in timed}
+    timers = {name: torch.utils.benchmark.Timer(stmt="fn()", globals={"fn": fns[name]},
+                                                num_threads=torch.get_num_threads()) for name in timed}
     blocks: dict[str, list[float]] = {name: [] for name in timed}
     start, rounds = time.perf_counter(), 0
     while timed and (rounds < 5 or time.perf_counter() - start < min_run_time * len(timed)):
         for name in timed if rounds % 2 == 0 else timed[::-1]:
-            fn, n = fns[name], calls[name]
-            t = time.perf_counter()
-            for _ in range(n):
-                fn()
-            blocks[name].append((time.perf_counter() - t) / n)
+            blocks[name].append(timers[name].timeit(calls[name]).mean)
         rounds += 1
     return {name: (statistics.median(blocks[name]) if name in blocks else once[name]) * 1e3 for name in fns}
 
