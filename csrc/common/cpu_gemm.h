@@ -220,12 +220,14 @@ void strided_batched_gemm(int64_t G, int64_t M, int64_t N, int64_t K, Operand<co
   if (G <= 0 || M <= 0 || N <= 0) return;
   const int64_t threads = std::max<int64_t>(1, torch::stable::get_num_threads());
   const int64_t nt_w = balanced_tile(N, W::NC, W::NR), n_tiles = (N + nt_w - 1) / nt_w;
-  if (M <= kWholeM && G * n_tiles >= threads) {
-    // Few rows and enough (group, column tile) tasks for every thread: one task per tile of all M rows,
+  const int64_t whole_tasks = G * n_tiles;
+  if (M <= kWholeM && whole_tasks >= threads && (whole_tasks % threads == 0 || whole_tasks >= 4 * threads)) {
+    // Few rows and enough (group, column tile) tasks to keep every thread busy to the end: one task per
+    // tile of all M rows,
     // packing its B slices as it goes, so B is read once, straight into the cache that uses it. (A
     // whole-B pre-pack would write and re-read a B-sized copy, from memory for large B.)
     parallel_tasks(
-        G * n_tiles, [] { return std::make_unique<W>(); },
+        whole_tasks, [] { return std::make_unique<W>(); },
         [&](std::unique_ptr<W>& ws, int64_t task) {
           const int64_t g = task / n_tiles, n0 = task % n_tiles * nt_w;
           gemm_tile<Acc>(M, std::min(nt_w, N - n0), K, A.shifted(g, 0, 0), B.shifted(g, 0, n0),
