@@ -64,13 +64,13 @@ def time_ms(fn: Callable[[], object], device: str, *, warmup_ms: float = 25.0, r
 
 
 def time_ms_each(fns: dict[str, Callable[[], object]], device: str, *, min_run_time: float = 0.2,
-                 max_call_s: float = 1.0, block_s: float = 0.02) -> dict[str, float]:
+                 max_call_s: float = 1.0, block_s: float = 0.02, min_rounds: int = 11) -> dict[str, float]:
     """Median milliseconds of one call of each candidate, measured so that they can be compared.
 
     GPU: ``time_ms`` of each (events and L2 flushes make each figure stable on its own). CPU: the candidates
     run interleaved, in rounds (a ``torch.utils.benchmark`` ``timeit`` block of about ``block_s`` seconds of
-    calls of each, the order reversed every other round), for at least 5 rounds and ``min_run_time`` seconds
-    per candidate; each figure is the median over its blocks. A shared or virtual CPU's speed drifts by tens of percent over seconds, which
+    calls of each, the order reversed every other round), for at least ``min_rounds`` rounds and
+    ``min_run_time`` seconds per candidate; each figure is the median over its blocks. A shared or virtual CPU's speed drifts by tens of percent over seconds, which
     timing the candidates one after the other turns into a bias of the ratio. A candidate slower than
     ``max_call_s`` is reported from its warm-up call.
     """
@@ -87,7 +87,7 @@ def time_ms_each(fns: dict[str, Callable[[], object]], device: str, *, min_run_t
                                                 num_threads=torch.get_num_threads()) for name in timed}
     blocks: dict[str, list[float]] = {name: [] for name in timed}
     start, rounds = time.perf_counter(), 0
-    while timed and (rounds < 5 or time.perf_counter() - start < min_run_time * len(timed)):
+    while timed and (rounds < min_rounds or time.perf_counter() - start < min_run_time * len(timed)):
         for name in timed if rounds % 2 == 0 else timed[::-1]:
             blocks[name].append(timers[name].timeit(calls[name]).mean)
         rounds += 1
