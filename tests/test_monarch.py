@@ -524,6 +524,18 @@ def test_backward_saved_rejects_a_wrong_mid():
         assert_close_to_ref(label, o, t)
 
 
+@pytest.mark.parametrize("save_middle", [None, True, False], ids=lambda v: f"save_{v}")
+def test_meta_device_shapes_and_backward(save_middle):
+    """Meta tensors (shape-only model construction and tracing) go through either training path."""
+    x, w1, w2 = (torch.randn(s, device="meta", requires_grad=True) for s in ((5, 2, 12), (4, 2, 3), (4, 2, 2)))
+    out = lowrank.monarch_matmul(x, w1, w2, save_middle=save_middle)
+    assert out.shape == (5, 2, 8) and out.device.type == "meta"
+    out.sum().backward()
+    assert x.grad.shape == x.shape and w1.grad.shape == w1.shape and w2.grad.shape == w2.shape
+    layer = MonarchLinear(10, 7, device="meta", save_middle=save_middle)
+    assert layer(torch.randn(3, 10, device="meta")).shape == (3, 7)
+
+
 @pytest.mark.parametrize("flags", [(True, True), (True, False), (False, True)])
 @pytest.mark.parametrize("shape", [ODD, ("two_pass", (3,), (2, 130, 3), (2, 5, 130))], ids=shape_id)
 def test_opcheck_saving_ops(shape, flags):

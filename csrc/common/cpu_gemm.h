@@ -189,6 +189,7 @@ void parallel_tasks(int64_t n, MakeState&& make_state, Fn&& fn) {
   const int64_t workers = std::min<int64_t>(n, std::max<int64_t>(1, torch::stable::get_num_threads()));
   std::atomic<int64_t> next{0};
   auto run = [&]() {
+    if (next.load(std::memory_order_relaxed) >= n) return;  // nothing left (e.g. run inline, nested)
     auto state = make_state();
     for (int64_t t = next.fetch_add(1, std::memory_order_relaxed); t < n;
          t = next.fetch_add(1, std::memory_order_relaxed))

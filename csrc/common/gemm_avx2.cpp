@@ -7,6 +7,8 @@
 
 namespace lowrank {
 #define LOWRANK_MICROKERNEL_NS avx2
+#define LOWRANK_MICROKERNEL_AVX2 1  // the intrinsics copy (a global -mavx2 alone must not pick it)
 #include "common/cpu_microkernel.inc"
+#undef LOWRANK_MICROKERNEL_AVX2
 #undef LOWRANK_MICROKERNEL_NS
 }  // namespace lowrank

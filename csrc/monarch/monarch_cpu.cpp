@@ -292,7 +292,7 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const char* op, Tensor grad_out
     torch::stable::zero_(dw2);
   }
   if (d.batch == 0 || (!need_grad_x && !need_grad_w)) return {dx, dw1, dw2};
-  dispatch_float(x.scalar_type(), kBwd, [&](auto tag) {
+  dispatch_float(x.scalar_type(), op, [&](auto tag) {
     using T = decltype(tag);
     auto ptr = [](const Tensor& t) { return static_cast<T*>(t.data_ptr()); };
     const auto* saved = mid != nullptr ? static_cast<const acc_t<T>*>(mid_c.data_ptr()) : nullptr;

@@ -49,7 +49,7 @@ def monarch_matmul(x: torch.Tensor, w1: torch.Tensor, w2: torch.Tensor, *,
     """
     if save_middle is None:
         save_middle = x.device.type == "cpu" and max(w1.shape[-2:] + w2.shape[-2:], default=0) > _SAVE_ABOVE
-    elif save_middle and x.device.type != "cpu":
+    elif save_middle and x.device.type not in ("cpu", "meta"):
         raise NotImplementedError(
             f"lowrank.monarch_matmul: save_middle=True is CPU only (x is on {x.device.type}); the CUDA backward "
             "recomputes the middle activation: pass save_middle=None or False"
@@ -125,7 +125,7 @@ def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
 def _monarch_matmul_forward_saving_fake(x, w1, w2):
     op = "lowrank.monarch_matmul_forward_saving"
     out = _check_meta(op, x, w1, w2)
-    torch._check(x.device.type == "cpu", lambda: f"{op}: CPU only, got a tensor on {x.device.type}")
+    torch._check(x.device.type in ("cpu", "meta"), lambda: f"{op}: CPU only, got a tensor on {x.device.type}")
     mid = w1.shape[0] * w1.shape[1]
     return x.new_empty((*x.shape[:-1], out)), x.new_empty((*x.shape[:-1], mid), dtype=_acc_dtype(x.dtype))
 
