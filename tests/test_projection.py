@@ -165,6 +165,15 @@ def test_adam_lowrank_noncontiguous_R_and_eps(device):
     check("N", N, adam_lowrank_reference(m_ref, v_ref, as64(R), 0.5, 0.75, 0.1), 2e-6)
 
 
+@pytest.mark.parametrize("device", devices)
+def test_adam_lowrank_rejects_aliased_moments(device):
+    """The moments are updated in place from R: one tensor passed twice is refused, not silently mixed."""
+    m, v, R = (torch.randn(6, 5, device=device).abs() for _ in range(3))
+    for args in ((m, m, R), (m, v, m), (m, v, v)):
+        with pytest.raises(RuntimeError, match="three different tensors"):
+            lowrank.adam_lowrank_(*args, 0.9, 0.999, 1e-8)
+
+
 # ------------------------------------------------------------------------------------------------ galore_update_
 def _update_case(shape, left, w_dtype, device, residual, g_layout="contiguous"):
     m, n, r = shape

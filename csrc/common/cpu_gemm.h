@@ -202,9 +202,12 @@ void parallel_tasks(int64_t n, MakeState&& make_state, Fn&& fn) {
 }
 
 // Split `len` into ceil(len / max_tile) tiles of about equal size, each a multiple of `align` (the last one
-// may be shorter): 256 rows with MT = 192 become 2 x 128, not 192 + 64.
-inline int64_t balanced_tile(int64_t len, int64_t max_tile, int64_t align) {
-  const int64_t tiles = (len + max_tile - 1) / max_tile;
+// may be shorter): 256 rows with MT = 192 become 2 x 128, not 192 + 64. With workers > 1 the tile count is
+// first rounded up to a multiple of it (1024 rows, at most 96 each, 2 workers: 12 tiles of 90, not 11 of 96
+// that leave one worker a tile behind).
+inline int64_t balanced_tile(int64_t len, int64_t max_tile, int64_t align, int64_t workers = 1) {
+  int64_t tiles = std::max<int64_t>(1, (len + max_tile - 1) / max_tile);
+  if (workers > 1) tiles = (tiles + workers - 1) / workers * workers;
   const int64_t even = (len + tiles - 1) / tiles;
   return std::min(max_tile, (even + align - 1) / align * align);
 }

@@ -78,6 +78,9 @@ inline void check_adam_args(const Tensor& exp_avg, const Tensor& exp_avg_sq, con
   STD_TORCH_CHECK(same, op, ": exp_avg, exp_avg_sq and R must have the same shape");
   STD_TORCH_CHECK(exp_avg.is_contiguous(), op, ": exp_avg must be contiguous (it is updated in place)");
   STD_TORCH_CHECK(exp_avg_sq.is_contiguous(), op, ": exp_avg_sq must be contiguous (it is updated in place)");
+  const void *m = exp_avg.data_ptr(), *v = exp_avg_sq.data_ptr(), *g = R.data_ptr();
+  STD_TORCH_CHECK(R.numel() == 0 || (m != v && m != g && v != g), op,
+                  ": exp_avg, exp_avg_sq and R must be three different tensors (the moments are updated in place)");
 }
 
 // W (m, n) contiguous; M (m, r) right / (r, n) left of W's companion dtype; G optional (m, n) any float dtype;

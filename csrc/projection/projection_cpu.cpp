@@ -48,13 +48,19 @@ void gemm_rows_with_sqnorms(int64_t rows, int64_t N, int64_t K, Operand<const T>
       pack_strips<NR, Acc>(packed.get() + k0 * ldc, &B.at(0, k0, 0), B.cs, B.rs, N, std::min(KC, K - k0));
     }
   });
-  const int64_t m_blocks = (rows + MC - 1) / MC;
-  torch::stable::parallel_for(0, m_blocks, 1, [&](int64_t begin, int64_t end) {
-    auto Ap = detail::aligned_buffer<Acc>(MC * KC);
-    auto Cb = detail::aligned_buffer<Acc>(MC * ldc);
-    Acc sq_acc[MC];
-    for (int64_t blk = begin; blk < end; ++blk) {
-      const int64_t m0 = blk * MC, mlen = std::min(MC, rows - m0), m_strips = (mlen + MR - 1) / MR;
+  // row blocks of at most MC, as many as a multiple of the threads (each row's result does not depend on it)
+  const int64_t mb = balanced_tile(rows, MC, MR, torch::stable::get_num_threads());
+  const int64_t m_blocks = (rows + mb - 1) / mb;
+  struct Scratch {
+    std::unique_ptr<Acc, detail::FreeDeleter> Ap, Cb;
+  };
+  parallel_tasks(
+      m_blocks, [&] { return Scratch{detail::aligned_buffer<Acc>(MC * KC), detail::aligned_buffer<Acc>(MC * ldc)}; },
+      [&](Scratch& scratch, int64_t blk) {
+      auto& Ap = scratch.Ap;
+      auto& Cb = scratch.Cb;
+      Acc sq_acc[MC];
+      const int64_t m0 = blk * mb, mlen = std::min(mb, rows - m0), m_strips = (mlen + MR - 1) / MR;
       std::memset(Cb.get(), 0, sizeof(Acc) * MC * ldc);
       for (int64_t i = 0; i < MC; ++i) sq_acc[i] = Acc(0);
       for (int64_t k0 = 0; k0 < K; k0 += KC) {
@@ -78,8 +84,7 @@ void gemm_rows_with_sqnorms(int64_t rows, int64_t N, int64_t K, Operand<const T>
         for (int64_t j = 0; j < N; ++j) C.at(0, m0 + i, j) = Cb.get()[i * ldc + j];
       if (sq != nullptr)
         for (int64_t i = 0; i < mlen; ++i) sq[m0 + i] = sq_acc[i];
-    }
-  });
+      });
 }
 
 std::tuple<Tensor, Tensor> galore_project_cpu(Tensor G, Tensor P, bool left, bool want_sqnorms) {
@@ -126,13 +131,19 @@ Tensor adam_lowrank_cpu(Tensor exp_avg, Tensor exp_avg_sq, Tensor R, double beta
     const T* g = ptr_of<const T>(R);
     T* out = ptr_of<T>(N);
     torch::stable::parallel_for(0, numel, 4096, [&](int64_t begin, int64_t end) {
-      for (int64_t i = begin; i < end; ++i) {
-        const T gi = g[i];
-        const T mi = m[i] * b1 + c1 * gi;
-        const T vi = v[i] * b2 + c2 * (gi * gi);
-        m[i] = mi;
-        v[i] = vi;
-        out[i] = mi / (std::sqrt(vi) + e);
+      // distinct tensors (checked): restrict lets the loop vectorize, sqrt included (-fno-math-errno)
+      T* __restrict mr = m + begin;
+      T* __restrict vr = v + begin;
+      const T* __restrict gr = g + begin;
+      T* __restrict outr = out + begin;
+      const T B1 = b1, C1 = c1, B2 = b2, C2 = c2, E = e;  // locals: captured references could alias the stores
+      for (int64_t i = 0; i < end - begin; ++i) {
+        const T gi = gr[i];
+        const T mi = mr[i] * B1 + C1 * gi;
+        const T vi = vr[i] * B2 + C2 * (gi * gi);
+        mr[i] = mi;
+        vr[i] = vi;
+        outr[i] = mi / (std::sqrt(vi) + E);
       }
     });
   };
@@ -162,16 +173,26 @@ void galore_update_cpu(Tensor W, Tensor M, Tensor P, bool left, double decay, st
     const Acc* scale = has_g ? ptr_of<const Acc>(sc) : nullptr;
     T* w = ptr_of<T>(W);
     const Acc dec = static_cast<Acc>(decay);
-    const int64_t m_tiles = (d.m + Ws::MT - 1) / Ws::MT, n_tiles = (d.n + Ws::NC - 1) / Ws::NC;
+    // tiles of at most MT x NC, balanced, the row-tile count a multiple of the threads (results do not
+    // depend on the tiling: each W element is one dot product of length r plus its epilogue)
+    const int64_t mt = balanced_tile(d.m, Ws::MT, Ws::MR, torch::stable::get_num_threads());
+    const int64_t nt = balanced_tile(d.n, Ws::NC, Ws::NR);
+    const int64_t m_tiles = (d.m + mt - 1) / mt, n_tiles = (d.n + nt - 1) / nt;
     auto run = [&](auto gtag) {
       using TG = decltype(gtag);
       const TG* g = has_g ? ptr_of<const TG>(Gc) : nullptr;
-      torch::stable::parallel_for(0, m_tiles * n_tiles, 1, [&](int64_t begin, int64_t end) {
-        Ws ws;
-        auto tile = detail::aligned_buffer<Acc>(Ws::MT * Ws::NC);
-        for (int64_t t = begin; t < end; ++t) {
-          const int64_t m0 = t / n_tiles * Ws::MT, n0 = t % n_tiles * Ws::NC;
-          const int64_t mlen = std::min(Ws::MT, d.m - m0), nlen = std::min(Ws::NC, d.n - n0);
+      struct Scratch {
+        std::unique_ptr<Ws> ws;
+        std::unique_ptr<Acc, detail::FreeDeleter> tile;
+      };
+      parallel_tasks(
+          m_tiles * n_tiles,
+          [&] { return Scratch{std::make_unique<Ws>(), detail::aligned_buffer<Acc>(Ws::MT * Ws::NC)}; },
+          [&](Scratch& scratch, int64_t t) {
+          Ws& ws = *scratch.ws;
+          auto& tile = scratch.tile;
+          const int64_t m0 = t / n_tiles * mt, n0 = t % n_tiles * nt;
+          const int64_t mlen = std::min(mt, d.m - m0), nlen = std::min(nt, d.n - n0);
           Acc* bm = tile.get();
           gemm_tile<Acc, Acc, Acc, Acc>(mlen, nlen, d.r, operand<const Acc>(a + m0 * d.r, 0, d.r, 1),
                                         operand<const Acc>(b + n0, 0, d.n, 1), operand<Acc>(bm, 0, Ws::NC, 1), ws);
@@ -193,8 +214,7 @@ void galore_update_cpu(Tensor W, Tensor M, Tensor P, bool left, double decay, st
               }
             }
           }
-        }
-      });
+          });
     };
     if (has_g)
       dispatch_float(Gc.scalar_type(), kUpdateOp, run);
