@@ -511,7 +511,7 @@ def test_backward_saved_rejects_a_wrong_mid():
     grad_out = torch.randn(4, 45)
     _, mid = torch.ops.lowrank.monarch_matmul_forward_saving(x, w1, w2)
     bwd = torch.ops.lowrank.monarch_matmul_backward_saved
-    with pytest.raises(RuntimeError, match="mid must be Float"):
+    with pytest.raises(RuntimeError, match="mid must be float32"):
         bwd(grad_out, x, w1, w2, mid.double(), True, True)
     with pytest.raises(RuntimeError, match="mid must have shape"):
         bwd(grad_out, x, w1, w2, mid[:3], True, True)

@@ -44,6 +44,23 @@ inline void check_same_device(const char* op, const Tensor& a, const char* an, c
                   ") must be on the same device");
 }
 
+// The accumulation ("companion") dtype of a float dtype: float64 for float64, float32 otherwise.
+inline ScalarType companion_type(ScalarType st) {
+  return st == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
+}
+
+inline const char* float_name(ScalarType st) {
+  return st == ScalarType::Double ? "float64" : st == ScalarType::Float ? "float32" : torch::headeronly::toString(st);
+}
+
+// t must have ref's companion dtype.
+inline void check_companion_dtype(const char* op, const Tensor& t, const char* name, const Tensor& ref,
+                                  const char* ref_name) {
+  const ScalarType want = companion_type(ref.scalar_type());
+  STD_TORCH_CHECK(t.scalar_type() == want, op, ": ", name, " must be ", float_name(want), " (", name,
+                  " is float64 iff ", ref_name, " is float64, float32 otherwise), got ", float_name(t.scalar_type()));
+}
+
 // Shape of an op's output: x's leading dims followed by `last`.
 inline std::vector<int64_t> out_shape_like(const Tensor& x, int64_t last) {
   std::vector<int64_t> shape(x.sizes().begin(), x.sizes().end());
@@ -51,14 +68,19 @@ inline std::vector<int64_t> out_shape_like(const Tensor& x, int64_t last) {
   return shape;
 }
 
+inline bool has_shape_like(const Tensor& t, const Tensor& x, int64_t last) {
+  const auto want = out_shape_like(x, last);
+  bool ok = t.dim() == static_cast<int64_t>(want.size());
+  for (int64_t i = 0; ok && i < t.dim(); ++i) ok = t.size(i) == want[static_cast<size_t>(i)];
+  return ok;
+}
+
 // grad_out of a backward op: x's dtype and device, shape (x's leading dims, last).
 inline void check_grad_out(const char* op, const Tensor& grad_out, const Tensor& x, int64_t last) {
   check_same_dtype(op, grad_out, "grad_out", x, "x");
   check_same_device(op, grad_out, "grad_out", x, "x");
-  const auto want = out_shape_like(x, last);
-  bool ok = grad_out.dim() == static_cast<int64_t>(want.size());
-  for (int64_t i = 0; ok && i < grad_out.dim(); ++i) ok = grad_out.size(i) == want[static_cast<size_t>(i)];
-  STD_TORCH_CHECK(ok, op, ": grad_out must have the output's shape (x's leading dims, ", last, ")");
+  STD_TORCH_CHECK(has_shape_like(grad_out, x, last), op, ": grad_out must have the output's shape (x's leading dims, ",
+                  last, ")");
 }
 
 }  // namespace lowrank

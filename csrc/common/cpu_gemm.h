@@ -109,14 +109,18 @@ struct GemmWorkspace {
   static constexpr int64_t MR = kGemmMR;
   static constexpr int64_t NR = 64 / sizeof(Acc);  // two 256-bit vectors
   static constexpr int64_t MC = 16 * MR, MT = 2 * MC, NC = 64 * NR, KC = 256;
-  std::unique_ptr<Acc, detail::FreeDeleter> a = detail::aligned_buffer<Acc>(MC * KC);
-  std::unique_ptr<Acc, detail::FreeDeleter> b = detail::aligned_buffer<Acc>(KC * NC);
-  std::unique_ptr<Acc, detail::FreeDeleter> c = detail::aligned_buffer<Acc>(MT * (NC + NR));
-  int64_t c_size = MT * (NC + NR);
-  // the C tile buffer, grown to hold `elems` (gemm_tile's rows may exceed MT when the caller asks)
-  Acc* c_buffer(int64_t elems) {
-    if (elems > c_size) c = detail::aligned_buffer<Acc>(c_size = elems);
-    return c.get();
+  // Buffers are allocated on first use: B's is never needed when B comes pre-packed, and the C tile's
+  // size follows the largest tile asked for (rows may exceed MT when the caller asks).
+  Acc* a_buffer() { return grow(a, a_size, MC * KC); }
+  Acc* b_buffer() { return grow(b, b_size, KC * NC); }
+  Acc* c_buffer(int64_t elems) { return grow(c, c_size, elems); }
+
+ private:
+  std::unique_ptr<Acc, detail::FreeDeleter> a, b, c;
+  int64_t a_size = 0, b_size = 0, c_size = 0;
+  static Acc* grow(std::unique_ptr<Acc, detail::FreeDeleter>& buf, int64_t& size, int64_t elems) {
+    if (elems > size) buf = detail::aligned_buffer<Acc>(size = elems);
+    return buf.get();
   }
 };
 
@@ -138,8 +142,8 @@ void pack_b(Acc* dst, int64_t K, int64_t N, Operand<const TB> B) {
 }
 
 // One C tile, serially: C[mlen x nlen] = A[mlen x K] · B[K x nlen] (operands already offset to the tile),
-// nlen <= NC (mlen above MT grows the workspace's C buffer). A task owns the whole tile in an Acc buffer, so one packed B slice serves up to
-// several packed A blocks. packed_b, if given, is B already packed: per KC slice of K, ceil(nlen / NR)
+// nlen <= NC (mlen above MT grows the workspace's C buffer). A task owns the whole tile in an Acc buffer,
+// so one packed B slice serves up to several packed A blocks. packed_b, if given, is B already packed: per KC slice of K, ceil(nlen / NR)
 // strips of klen x NR (pack_b's layout when K <= KC). accumulate: C += alpha·A·B, else C = alpha·A·B.
 // TA/TB/TC: storage types (float, double, c10::Half, c10::BFloat16).
 template <typename Acc, typename TA, typename TB, typename TC>
@@ -147,7 +151,7 @@ void gemm_tile(int64_t mlen, int64_t nlen, int64_t K, Operand<const TA> A, Opera
                GemmWorkspace<Acc>& ws, const Acc* packed_b = nullptr, bool accumulate = false, Acc alpha = Acc(1)) {
   using W = GemmWorkspace<Acc>;
   constexpr int64_t MR = W::MR, NR = W::NR, MC = W::MC, KC = W::KC;
-  Acc* Ap = ws.a.get();
+  Acc* Ap = ws.a_buffer();
   const int64_t n_strips = (nlen + NR - 1) / NR, ldb = n_strips * NR, ldc = c_buffer_ld<Acc>(nlen);
   Acc* Cb = ws.c_buffer((mlen + MR - 1) / MR * MR * ldc);
   std::memset(Cb, 0, sizeof(Acc) * ((mlen + MR - 1) / MR * MR) * ldc);  // incl. the last strip's slack rows
@@ -155,8 +159,9 @@ void gemm_tile(int64_t mlen, int64_t nlen, int64_t K, Operand<const TA> A, Opera
     const int64_t klen = std::min(KC, K - k0);
     const Acc* Bp = packed_b == nullptr ? nullptr : packed_b + (k0 / KC) * KC * ldb;
     if (Bp == nullptr) {
-      pack_strips<NR, Acc>(ws.b.get(), &B.at(0, k0, 0), B.cs, B.rs, nlen, klen);
-      Bp = ws.b.get();
+      Acc* Bw = ws.b_buffer();
+      pack_strips<NR, Acc>(Bw, &B.at(0, k0, 0), B.cs, B.rs, nlen, klen);
+      Bp = Bw;
     }
     for (int64_t mb = 0; mb < mlen; mb += MC) {
       const int64_t mblen = std::min(MC, mlen - mb), m_strips = (mblen + MR - 1) / MR;
@@ -227,9 +232,8 @@ void strided_batched_gemm(int64_t G, int64_t M, int64_t N, int64_t K, Operand<co
   const int64_t whole_tasks = G * n_tiles;
   if (M <= kWholeM && whole_tasks >= threads && (whole_tasks % threads == 0 || whole_tasks >= 4 * threads)) {
     // Few rows and enough (group, column tile) tasks to keep every thread busy to the end: one task per
-    // tile of all M rows,
-    // packing its B slices as it goes, so B is read once, straight into the cache that uses it. (A
-    // whole-B pre-pack would write and re-read a B-sized copy, from memory for large B.)
+    // tile of all M rows, packing its B slices as it goes, so B is read once, straight into the cache that
+    // uses it. (A whole-B pre-pack would write and re-read a B-sized copy, from memory for large B.)
     parallel_tasks(
         whole_tasks, [] { return std::make_unique<W>(); },
         [&](std::unique_ptr<W>& ws, int64_t task) {

@@ -248,8 +248,7 @@ std::tuple<Tensor, Tensor> monarch_matmul_forward_saving_cpu(Tensor x, Tensor w1
   w1 = torch::stable::contiguous(w1);
   w2 = torch::stable::contiguous(w2);
   Tensor out = torch::stable::new_empty(x, out_shape_like(x, d.out));
-  const ScalarType acc = x.scalar_type() == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
-  Tensor mid = torch::stable::new_empty(x, out_shape_like(x, d.mid), acc);
+  Tensor mid = torch::stable::new_empty(x, out_shape_like(x, d.mid), companion_type(x.scalar_type()));
   if (d.batch == 0) return {out, mid};
   dispatch_float(x.scalar_type(), kFwdSave, [&](auto tag) {
     using T = decltype(tag);
@@ -267,15 +266,9 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const char* op, Tensor grad_out
   check_grad_out(op, grad_out, x, d.out);
   Tensor mid_c;
   if (mid != nullptr) {
-    const ScalarType acc = x.scalar_type() == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
-    STD_TORCH_CHECK(mid->scalar_type() == acc, op, ": mid must be ", torch::headeronly::toString(acc),
-                    " (the accumulation dtype of ", torch::headeronly::toString(x.scalar_type()), " inputs), got ",
-                    torch::headeronly::toString(mid->scalar_type()));
+    check_companion_dtype(op, *mid, "mid", x, "x");
     check_same_device(op, *mid, "mid", x, "x");
-    const auto want = out_shape_like(x, d.mid);
-    bool ok = mid->dim() == static_cast<int64_t>(want.size());
-    for (int64_t i = 0; ok && i < mid->dim(); ++i) ok = mid->size(i) == want[static_cast<size_t>(i)];
-    STD_TORCH_CHECK(ok, op, ": mid must have shape (x's leading dims, k·q = ", d.mid,
+    STD_TORCH_CHECK(has_shape_like(*mid, x, d.mid), op, ": mid must have shape (x's leading dims, k·q = ", d.mid,
                     "), the middle activation monarch_matmul_forward_saving returned");
     mid_c = torch::stable::contiguous(*mid);
   }

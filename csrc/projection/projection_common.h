@@ -16,21 +16,6 @@ constexpr const char* kUpdateOp = "lowrank.galore_update_";
 constexpr const char* kDctOp = "lowrank.dct_basis_";
 constexpr const char* kScoresOp = "lowrank.basis_scores";
 
-inline ScalarType companion_type(ScalarType st) {
-  return st == ScalarType::Double ? ScalarType::Double : ScalarType::Float;
-}
-
-inline const char* float_name(ScalarType st) {
-  return st == ScalarType::Double ? "float64" : st == ScalarType::Float ? "float32" : torch::headeronly::toString(st);
-}
-
-inline void check_companion_dtype(const char* op, const Tensor& t, const char* name, const Tensor& ref,
-                                  const char* ref_name) {
-  const ScalarType want = companion_type(ref.scalar_type());
-  STD_TORCH_CHECK(t.scalar_type() == want, op, ": ", name, " must be ", float_name(want), " (", name,
-                  " is float64 iff ", ref_name, " is float64, float32 otherwise), got ", float_name(t.scalar_type()));
-}
-
 struct ProjDims {
   int64_t m, n, r;
   bool left;

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ._autograd import refuse_double_backward
+from ._common import check_companion, companion_dtype
 
 _FWD = "lowrank::monarch_matmul"
 _BWD = "lowrank::monarch_matmul_backward"
@@ -117,24 +118,19 @@ def _monarch_matmul_backward_fake(grad_out, x, w1, w2, need_grad_x, need_grad_w)
     return dx, dw1, dw2
 
 
-def _acc_dtype(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 @torch.library.register_fake(_FWD_SAVE)
 def _monarch_matmul_forward_saving_fake(x, w1, w2):
     op = "lowrank.monarch_matmul_forward_saving"
     out = _check_meta(op, x, w1, w2)
     torch._check(x.device.type in ("cpu", "meta"), lambda: f"{op}: CPU only, got a tensor on {x.device.type}")
     mid = w1.shape[0] * w1.shape[1]
-    return x.new_empty((*x.shape[:-1], out)), x.new_empty((*x.shape[:-1], mid), dtype=_acc_dtype(x.dtype))
+    return x.new_empty((*x.shape[:-1], out)), x.new_empty((*x.shape[:-1], mid), dtype=companion_dtype(x.dtype))
 
 
 @torch.library.register_fake(_BWD_SAVED)
 def _monarch_matmul_backward_saved_fake(grad_out, x, w1, w2, mid, need_grad_x, need_grad_w):
     op = "lowrank.monarch_matmul_backward_saved"
-    torch._check(mid.dtype == _acc_dtype(x.dtype),
-                 lambda: f"{op}: mid must be {_acc_dtype(x.dtype)} (the accumulation dtype of {x.dtype} inputs)")
+    check_companion(op, mid, "mid", x, "x")
     torch._check(
         tuple(mid.shape) == (*x.shape[:-1], w1.shape[0] * w1.shape[1]),
         lambda: f"{op}: mid must have shape (x's leading dims, k·q), the middle activation of the forward",

@@ -11,6 +11,8 @@ from __future__ import annotations
 
 import torch
 
+from ._common import check_companion, companion_dtype
+
 __all__ = ["galore_project", "adam_lowrank_", "galore_update_", "dct_basis", "basis_scores", "dct_select"]
 # names in torch.ops.lowrank of this family
 OP_NAMES: list[str] = ["galore_project", "adam_lowrank_", "galore_update_", "dct_basis_", "basis_scores"]
@@ -106,26 +108,16 @@ def dct_select(G: torch.Tensor, Q: torch.Tensor, rank: int, left: bool) -> torch
 
 
 # ---------------------------------------------------------------------------------------------- fakes
-def _companion(dtype: torch.dtype) -> torch.dtype:
-    return torch.float64 if dtype == torch.float64 else torch.float32
-
-
 def _check_float(op: str, t: torch.Tensor, name: str):
     torch._check(t.dtype in _FLOATS,
                  lambda: f"{op}: {name} must be float32, float16 or bfloat16 (float64 on CPU), got {t.dtype}")
-
-
-def _check_companion(op: str, t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str):
-    want = _companion(ref.dtype)
-    torch._check(t.dtype == want, lambda: f"{op}: {name} must be {want} ({name} is float64 iff {ref_name} is "
-                                          f"float64, float32 otherwise), got {t.dtype}")
 
 
 def _proj_dims(op: str, G, g_name: str, P, left: bool):
     torch._check(G.dim() == 2, lambda: f"{op}: {g_name} must be 2-D (m, n), got a {G.dim()}-D tensor")
     _check_float(op, G, g_name)
     torch._check(P.dim() == 2, lambda: f"{op}: P must be 2-D, got a {P.dim()}-D tensor")
-    _check_companion(op, P, "P", G, g_name)
+    check_companion(op, P, "P", G, g_name)
     m, n = G.shape
     if left:
         torch._check(P.shape[0] == m, lambda: f"{op}: left projection: P must be (m, r) with m = {m}")
@@ -140,7 +132,7 @@ def _proj_dims(op: str, G, g_name: str, P, left: bool):
 @torch.library.register_fake("lowrank::galore_project")
 def _galore_project_fake(G, P, left, want_sqnorms):
     m, n, r = _proj_dims("lowrank.galore_project", G, "G", P, left)
-    dt = _companion(G.dtype)
+    dt = companion_dtype(G.dtype)
     R = G.new_empty((r, n) if left else (m, r), dtype=dt)
     sq = G.new_empty(((n if left else m) if want_sqnorms else 0,), dtype=dt)
     return R, sq
@@ -164,7 +156,7 @@ def _galore_update_fake(W, M, P, left, decay, G=None, residual_scale=None):
     op = "lowrank.galore_update_"
     m, n, r = _proj_dims(op, W, "W", P, left)
     torch._check(W.is_contiguous(), lambda: f"{op}: W must be contiguous (it is updated in place)")
-    _check_companion(op, M, "M", W, "W")
+    check_companion(op, M, "M", W, "W")
     want = (r, n) if left else (m, r)
     torch._check(tuple(M.shape) == want, lambda: f"{op}: M must be {want}, got {tuple(M.shape)}")
     torch._check((G is None) == (residual_scale is None),
@@ -172,7 +164,7 @@ def _galore_update_fake(W, M, P, left, decay, G=None, residual_scale=None):
     if G is not None:
         _check_float(op, G, "G")
         torch._check(tuple(G.shape) == (m, n), lambda: f"{op}: G must have W's shape ({m}, {n})")
-        _check_companion(op, residual_scale, "residual_scale", W, "W")
+        check_companion(op, residual_scale, "residual_scale", W, "W")
         length = n if left else m
         torch._check(tuple(residual_scale.shape) == (length,),
                      lambda: f"{op}: residual_scale must be 1-D of length {length}")
@@ -193,7 +185,7 @@ def _basis_scores_fake(G, Q, left):
     op = "lowrank.basis_scores"
     torch._check(G.dim() == 2, lambda: f"{op}: G must be 2-D (m, n), got a {G.dim()}-D tensor")
     _check_float(op, G, "G")
-    _check_companion(op, Q, "Q", G, "G")
+    check_companion(op, Q, "Q", G, "G")
     k = G.shape[0] if left else G.shape[1]
     torch._check(Q.dim() == 2 and Q.shape[0] == k and Q.shape[1] == k, lambda: f"{op}: Q must be ({k}, {k})")
-    return G.new_empty((k,), dtype=_companion(G.dtype))
+    return G.new_empty((k,), dtype=companion_dtype(G.dtype))
