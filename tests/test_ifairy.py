@@ -458,6 +458,38 @@ def test_token_counts(device, tokens, act_quant):
     assert_pair_close("first token alone", tuple(p[:1] for p in y), tuple(p.cpu().double() for p in first), rel=1e-6)
 
 
+_PORTABLE_SCRIPT = """
+import sys, torch, lowrank
+packed, scales, xr, xi = torch.load(sys.argv[1])
+out = {(t, aq): lowrank.ifairy_linear(xr[:t], xi[:t], packed, scales, aq) for t in (1, 5, 64) for aq in (True, False)}
+torch.save(out, sys.argv[2])
+"""
+
+
+def test_cpu_portable_kernels_and_forced_add_path(tmp_path):
+    """The kernels an AVX2 machine never runs by itself: the portable int8 / float row loops (the only path
+    on CPUs without AVX2; LOWRANK_IFAIRY_CPU_KERNEL=portable) and the add/subtract float path at 64 tokens,
+    where the default takes the decoded GEMM (LOWRANK_IFAIRY_CPU_FLOAT=adds). Both switches are read once
+    per process, so they run in a child process."""
+    import os
+    import subprocess
+    import sys
+
+    _, packed, scales = make_layer(37, 261, "cpu")
+    xr, xi = make_x((64,), 261)
+    torch.save((packed, scales, xr, xi), tmp_path / "in.pt")
+    env = dict(os.environ, LOWRANK_IFAIRY_CPU_KERNEL="portable", LOWRANK_IFAIRY_CPU_FLOAT="adds")
+    subprocess.run([sys.executable, "-c", _PORTABLE_SCRIPT, str(tmp_path / "in.pt"), str(tmp_path / "out.pt")],
+                   env=env, check=True)
+    portable = torch.load(tmp_path / "out.pt")
+    for (t, aq), y in portable.items():
+        ref = ifairy_linear_reference(xr[:t], xi[:t], packed, scales, aq)
+        assert_pair_close(f"portable {t} tokens act_quant={aq}", y, ref, rel=2e-6 if aq else None)
+        if aq:  # exact integer sums: the portable int8 kernel equals the default one bit for bit
+            default = lowrank.ifairy_linear(xr[:t], xi[:t], packed, scales, aq)
+            assert all(torch.equal(a, b) for a, b in zip(y, default))
+
+
 @pytest.mark.parametrize("act_quant", [True, False], ids=["W2A8", "W2Afloat"])
 def test_cpu_result_does_not_depend_on_thread_count(act_quant):
     _, packed, scales = make_layer(67, 300, "cpu")

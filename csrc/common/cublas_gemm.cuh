@@ -37,36 +37,31 @@ inline bool enabled() {
   return on;
 }
 
-inline const char* status_name(cublasStatus_t s) {
-  switch (s) {
-    case CUBLAS_STATUS_SUCCESS: return "CUBLAS_STATUS_SUCCESS";
-    case CUBLAS_STATUS_NOT_INITIALIZED: return "CUBLAS_STATUS_NOT_INITIALIZED";
-    case CUBLAS_STATUS_ALLOC_FAILED: return "CUBLAS_STATUS_ALLOC_FAILED";
-    case CUBLAS_STATUS_INVALID_VALUE: return "CUBLAS_STATUS_INVALID_VALUE";
-    case CUBLAS_STATUS_ARCH_MISMATCH: return "CUBLAS_STATUS_ARCH_MISMATCH";
-    case CUBLAS_STATUS_EXECUTION_FAILED: return "CUBLAS_STATUS_EXECUTION_FAILED";
-    case CUBLAS_STATUS_NOT_SUPPORTED: return "CUBLAS_STATUS_NOT_SUPPORTED";
-    default: return "cuBLAS error";
-  }
-}
-
 inline void check(cublasStatus_t s, const char* op, const char* what) {
-  STD_TORCH_CHECK(s == CUBLAS_STATUS_SUCCESS, op, ": cuBLAS ", what, " failed: ", status_name(s), " (", int(s), ")");
+  STD_TORCH_CHECK(s == CUBLAS_STATUS_SUCCESS, op, ": cuBLAS ", what, " failed: ", cublasGetStatusName(s), " (",
+                  int(s), ")");
 }
 
-inline cublasHandle_t handle(int32_t device, const char* op) {
-  thread_local std::unordered_map<int32_t, cublasHandle_t> handles;
-  auto it = handles.find(device);
-  if (it != handles.end()) return it->second;
-  cublasHandle_t h = nullptr;
-  check(cublasCreate(&h), op, "handle creation");
+// One handle and one 32 MiB workspace per (thread, device), bound to `stream`. cublasSetStream resets the
+// handle to cuBLAS's default workspace pool, so the workspace is set again after it on every call.
+inline cublasHandle_t handle(int32_t device, cudaStream_t stream, const char* op) {
   constexpr size_t kWorkspace = size_t(32) << 20;
-  void* ws = nullptr;
-  const cudaError_t e = cudaMalloc(&ws, kWorkspace);
-  STD_TORCH_CHECK(e == cudaSuccess, op, ": cudaMalloc of the cuBLAS workspace failed: ", cudaGetErrorString(e));
-  check(cublasSetWorkspace(h, ws, kWorkspace), op, "workspace");
-  handles.emplace(device, h);
-  return h;
+  struct Bound {
+    cublasHandle_t h;
+    void* ws;
+  };
+  thread_local std::unordered_map<int32_t, Bound> handles;
+  auto it = handles.find(device);
+  if (it == handles.end()) {
+    Bound b{nullptr, nullptr};
+    check(cublasCreate(&b.h), op, "handle creation");
+    const cudaError_t e = cudaMalloc(&b.ws, kWorkspace);
+    STD_TORCH_CHECK(e == cudaSuccess, op, ": cudaMalloc of the cuBLAS workspace failed: ", cudaGetErrorString(e));
+    it = handles.emplace(device, b).first;
+  }
+  check(cublasSetStream(it->second.h, stream), op, "set stream");
+  check(cublasSetWorkspace(it->second.h, it->second.ws, kWorkspace), op, "workspace");
+  return it->second.h;
 }
 
 // How cuBLAS (column-major) addresses an R x C matrix whose element (i, j) sits at i·s_r + j·s_c.
@@ -146,8 +141,7 @@ inline bool try_gemm(const char* op, int32_t device, cudaStream_t stream, cudaDa
     STD_TORCH_CHECK(e == cudaSuccess, op, ": bias fill launch failed: ", cudaGetErrorString(e));
     beta = 1.f;
   }
-  cublasHandle_t h = handle(device, op);
-  check(cublasSetStream(h, stream), op, "set stream");
+  cublasHandle_t h = handle(device, stream, op);
   check(cublasGemmStridedBatchedEx(h, ca.op, cb.op, static_cast<int>(m_), static_cast<int>(n_), static_cast<int>(K),
                                    &alpha, pa, dtype, ca.ld, sa, pb, dtype, cb.ld, sb, &beta, c.ptr, dtype,
                                    static_cast<int>(ldc), static_cast<long long>(c.gs), static_cast<int>(groups),

@@ -94,11 +94,8 @@ inline LinearDims linear_dims(const char* op, const Tensor& xr, const Tensor& xi
   d.nbytes = packed.size(1);
   STD_TORCH_CHECK(d.nbytes == packed_width(d.in), op, ": packed must be (out, ceil(in/4)) = (out, ",
                   packed_width(d.in), ") for in = x's last dimension (", d.in, "), got width ", d.nbytes);
-  d.T = d.in > 0 ? xr.numel() / d.in : 1;
-  if (d.in == 0) {  // numel is 0; count tokens from the leading dims
-    d.T = 1;
-    for (int64_t k = 0; k + 1 < xr.dim(); ++k) d.T *= xr.size(k);
-  }
+  d.T = 1;  // the leading dims' product (also when in = 0 and numel says nothing)
+  for (int64_t k = 0; k + 1 < xr.dim(); ++k) d.T *= xr.size(k);
   return d;
 }
 

@@ -181,16 +181,18 @@ void linear_w2a8(const LinearDims& d, const T* xr, const T* xi, const uint8_t* p
   const Int8Problem p{packed, d.nbytes, d.out, q.data(), in_pad, d.T, sums.data()};
   // about in·T int8 operations a row; keep tasks large enough to amortize the pool
   const int64_t grain = std::max<int64_t>(8, (int64_t(1) << 16) / std::max<int64_t>(1, d.in * d.T));
-  torch::stable::parallel_for(0, d.out, grain, [&](int64_t r0, int64_t r1) { kernel(p, r0, r1); });
   const double sr = s_re, si = s_im;
-  for (int64_t t = 0; t < d.T; ++t) {
-    const double ar = a[2 * t], ai = a[2 * t + 1];
-    for (int64_t r = 0; r < d.out; ++r) {
-      const int32_t* s = &sums[(t * d.out + r) * 4];
-      yr[t * d.out + r] = static_cast<T>(static_cast<acc_t<T>>(sr * s[0] / ar + si * s[1] / ai));
-      yi[t * d.out + r] = static_cast<T>(static_cast<acc_t<T>>(-sr * s[2] / ai + si * s[3] / ar));
+  torch::stable::parallel_for(0, d.out, grain, [&](int64_t r0, int64_t r1) {
+    kernel(p, r0, r1);
+    for (int64_t t = 0; t < d.T; ++t) {  // this task's rows of every token, while their sums are in cache
+      const double ar = a[2 * t], ai = a[2 * t + 1];
+      for (int64_t r = r0; r < r1; ++r) {
+        const int32_t* s = &sums[(t * d.out + r) * 4];
+        yr[t * d.out + r] = static_cast<T>(static_cast<acc_t<T>>(sr * s[0] / ar + si * s[1] / ai));
+        yi[t * d.out + r] = static_cast<T>(static_cast<acc_t<T>>(-sr * s[2] / ai + si * s[3] / ar));
+      }
     }
-  }
+  });
 }
 
 // ---------------------------------------------------------------------------------- linear, float
@@ -204,8 +206,7 @@ void float_rows_portable(const FloatProblem& p, int64_t r0, int64_t r1) {
       for (int64_t k = 0; k < p.nbytes; ++k) {
         const uint32_t byte = row[k];
         for (int e = 0; e < 4; ++e) {
-          const int64_t j = 4 * k + e;
-          if (j >= p.in_pad) break;
+          const int64_t j = 4 * k + e;  // < 4·nbytes <= in_pad (in rounded up to kFloatPad)
           const uint32_t c = (byte >> (2 * e)) & 3u;
           const float sr = (c & 1u) ? xr[j] : -xr[j], si = (c & 1u) ? xi[j] : -xi[j];
           if (c & 2u) {
@@ -234,22 +235,26 @@ void linear_float(const LinearDims& d, const T* xr, const T* xi, const uint8_t* 
                   T* yr, T* yi) {
   const int64_t in_pad = (d.in + kFloatPad - 1) / kFloatPad * kFloatPad;
   std::vector<float> xs(static_cast<size_t>(d.T * 2 * in_pad), 0.f);
-  for (int64_t t = 0; t < d.T; ++t)
-    for (int64_t j = 0; j < d.in; ++j) {
-      xs[(2 * t) * in_pad + j] = static_cast<float>(xr[t * d.in + j]);
-      xs[(2 * t + 1) * in_pad + j] = static_cast<float>(xi[t * d.in + j]);
-    }
+  torch::stable::parallel_for(0, d.T, 16, [&](int64_t t0, int64_t t1) {
+    for (int64_t t = t0; t < t1; ++t)
+      for (int64_t j = 0; j < d.in; ++j) {
+        xs[(2 * t) * in_pad + j] = static_cast<float>(xr[t * d.in + j]);
+        xs[(2 * t + 1) * in_pad + j] = static_cast<float>(xi[t * d.in + j]);
+      }
+  });
   std::vector<float> sums(static_cast<size_t>(d.T * d.out * 4));
   static const FloatRowsKernel kernel = pick_float_kernel();
   const FloatProblem p{packed, d.nbytes, d.out, xs.data(), in_pad, d.T, sums.data()};
   const int64_t grain = std::max<int64_t>(4, (int64_t(1) << 15) / std::max<int64_t>(1, d.in * d.T));
-  torch::stable::parallel_for(0, d.out, grain, [&](int64_t r0, int64_t r1) { kernel(p, r0, r1); });
-  for (int64_t t = 0; t < d.T; ++t)
-    for (int64_t r = 0; r < d.out; ++r) {
-      const float* s = &sums[(t * d.out + r) * 4];
-      yr[t * d.out + r] = static_cast<T>(s_re * s[0] + s_im * s[1]);
-      yi[t * d.out + r] = static_cast<T>(s_im * s[3] - s_re * s[2]);
-    }
+  torch::stable::parallel_for(0, d.out, grain, [&](int64_t r0, int64_t r1) {
+    kernel(p, r0, r1);
+    for (int64_t t = 0; t < d.T; ++t)  // this task's rows of every token, while their sums are in cache
+      for (int64_t r = r0; r < r1; ++r) {
+        const float* s = &sums[(t * d.out + r) * 4];
+        yr[t * d.out + r] = static_cast<T>(s_re * s[0] + s_im * s[1]);
+        yi[t * d.out + r] = static_cast<T>(s_im * s[3] - s_re * s[2]);
+      }
+  });
 }
 
 // Float activations with many tokens: the add/subtract kernel above re-reads every token per weight code

@@ -38,14 +38,14 @@ void gemm_rows_with_sqnorms(int64_t rows, int64_t N, int64_t K, Operand<const T>
   using W = GemmWorkspace<Acc>;
   constexpr int64_t MR = W::MR, NR = W::NR, MC = W::MC, KC = W::KC;
   if (rows <= 0) return;
-  const int64_t n_strips = (N + NR - 1) / NR, ldc = n_strips * NR;
+  const int64_t n_strips = (N + NR - 1) / NR, ldb = n_strips * NR, ldc = c_buffer_ld<Acc>(N);
   const int64_t k_blocks = (K + KC - 1) / KC;
-  // B packed once: KC slice at k0 starts at k0·ldc and holds n_strips strips of klen x NR.
-  auto packed = detail::aligned_buffer<Acc>(std::max<int64_t>(1, K * ldc));
+  // B packed once: KC slice at k0 starts at k0·ldb and holds n_strips strips of klen x NR.
+  auto packed = detail::aligned_buffer<Acc>(std::max<int64_t>(1, K * ldb));
   torch::stable::parallel_for(0, k_blocks, 1, [&](int64_t begin, int64_t end) {
     for (int64_t kb = begin; kb < end; ++kb) {
       const int64_t k0 = kb * KC;
-      pack_strips<NR, Acc>(packed.get() + k0 * ldc, &B.at(0, k0, 0), B.cs, B.rs, N, std::min(KC, K - k0));
+      pack_strips<NR, Acc>(packed.get() + k0 * ldb, &B.at(0, k0, 0), B.cs, B.rs, N, std::min(KC, K - k0));
     }
   });
   // row blocks of at most MC, as many as a multiple of the threads (each row's result does not depend on it)
@@ -74,7 +74,7 @@ void gemm_rows_with_sqnorms(int64_t rows, int64_t N, int64_t K, Operand<const T>
               for (int64_t w = 0; w < MR; ++w) q[w] += a[k * MR + w] * a[k * MR + w];
           }
         }
-        const Acc* Bp = packed.get() + k0 * ldc;
+        const Acc* Bp = packed.get() + k0 * ldb;
         for (int64_t sn = 0; sn < n_strips; ++sn)
           for (int64_t sm = 0; sm < m_strips; ++sm)
             detail::micro_kernel(klen, Ap.get() + sm * klen * MR, Bp + sn * klen * NR, Cb.get() + sm * MR * ldc + sn * NR,

@@ -42,13 +42,18 @@ def load() -> bool:
     return True
 
 
+def register_cuda_stub(op_names: list[str], why: str) -> None:
+    """Give each op a CUDA kernel that raises ``lowrank.<op>: got a CUDA tensor, but <why>``."""
+    for name in op_names:
+        def _stub(*args, _name=name, **kwargs):
+            raise RuntimeError(f"lowrank.{_name}: got a CUDA tensor, but {why}")
+
+        torch.library.impl(f"lowrank::{name}", "CUDA")(_stub)
+
+
 def register_missing_cuda(op_names: list[str]) -> None:
     """Give each op a CUDA kernel that explains why the real one is absent."""
-    for name in op_names:
-        def _missing(*args, _name=name, **kwargs):
-            raise RuntimeError(f"lowrank.{_name}: got a CUDA tensor, but {_cuda_error}")
-
-        torch.library.impl(f"lowrank::{name}", "CUDA")(_missing)
+    register_cuda_stub(op_names, _cuda_error)
 
 
 def cuda_error() -> str | None:

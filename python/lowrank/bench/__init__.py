@@ -9,6 +9,8 @@ from __future__ import annotations
 import importlib
 from typing import Callable, Iterable, Iterator, Sequence
 
+import torch
+
 # family name -> module holding its ``rows(device, quick)``
 FAMILIES = {
     "monarch": "lowrank.bench.monarch",
@@ -16,6 +18,21 @@ FAMILIES = {
     "ifairy": "lowrank.bench.ifairy",
     "projection": "lowrank.bench.projection",
 }
+
+
+def rel_err(got, ref) -> float:
+    """max |got − ref| / max |ref| (ref in float64), the error every row reports."""
+    return ((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
+
+
+def fwd_or_fwd_bwd(make_out: Callable[[], object], inputs, grad) -> Callable[[], object]:
+    """The timed call of a row: ``make_out`` (a forward), or forward + backward when ``grad`` is given."""
+    if grad is None:
+        return make_out
+
+    def fn():
+        return torch.autograd.grad(make_out(), inputs, grad)
+    return fn
 
 
 def family_rows(name: str, device: str, quick: bool) -> Iterable[dict]:

@@ -31,7 +31,7 @@ from lowrank.reference import (ifairy_block_weight, ifairy_linear_reference, ifa
 
 from . import Rows
 from .hardware import DTYPE_NAMES, roofline
-from .timing import time_ms
+from .timing import time_ms_each
 
 TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 SHAPES = [(1536, 1536), (4096, 1536), (1536, 4096), (2048, 2048), (5460, 2048), (2048, 5460), (8192, 8192)]
@@ -128,9 +128,8 @@ def measure(case: Case, device: str) -> dict:
         def run_stacked():
             return [F.linear(x[2], layer.stacked) for layer, x in zip(layers, xs)]
 
-        row["ours_ms"] = time_ms(run_ours, device)
-        row["dense_ms"] = time_ms(run_block, device)
-        row["official_ms"] = time_ms(run_stacked, device)
+        ms = time_ms_each({"ours": run_ours, "dense": run_block, "official": run_stacked}, device)
+        row["ours_ms"], row["dense_ms"], row["official_ms"] = ms["ours"], ms["dense"], ms["official"]
     except Exception as e:  # noqa: BLE001 -- one broken row must not hide the others
         row["ok"], row["error"] = False, f"{type(e).__name__}: {e}".splitlines()[0][:200]
     finally:

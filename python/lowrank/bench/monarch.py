@@ -23,6 +23,7 @@ from lowrank.reference import monarch_matmul_bmm, monarch_matmul_reference, mona
 
 from . import Rows
 from .hardware import DTYPE_NAMES, roofline
+from . import fwd_or_fwd_bwd, rel_err
 from .timing import peak_memory_mb, time_ms_each
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
@@ -52,10 +53,6 @@ def cases(device: str, quick: bool) -> list[Case]:
     return [Case(lead, i, o, nb, dtype, mode) for lead, i, o, nb in shapes for mode in ("fwd", "fwd+bwd")]
 
 
-def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-
-
 def _reference(x, w1, w2, grad) -> list[torch.Tensor]:
     """float64 output (and gradients of x, w1, w2 when ``grad`` is given) of the index-formula spec."""
     ref_in = [t.detach().double().requires_grad_(grad is not None) for t in (x, w1, w2)]
@@ -67,18 +64,8 @@ def _max_err(fn, x, w1, w2, grad, refs) -> float:
     """Worst relative error of ``fn`` (and of its gradients when ``grad`` is given) against ``refs``."""
     out = fn(x, w1, w2)
     got = [out] + ([] if grad is None else list(torch.autograd.grad(out, (x, w1, w2), grad)))
-    errs = [_rel_err(g, r) for g, r in zip(got, refs)]
+    errs = [rel_err(g, r) for g, r in zip(got, refs)]
     return max(errs, key=lambda e: math.inf if math.isnan(e) else e)  # a NaN must win, and fail
-
-
-def _call(make_out, inputs, grad):
-    """A forward, or forward + backward when ``grad`` is given."""
-    if grad is None:
-        return make_out
-
-    def fn():
-        return torch.autograd.grad(make_out(), inputs, grad)
-    return fn
 
 
 def measure(case: Case, device: str) -> dict:
@@ -116,9 +103,9 @@ def measure(case: Case, device: str) -> dict:
         del refs
         ins = (x, w1, w2)
         dense = monarch_to_dense(w1.detach(), w2.detach()).requires_grad_(bwd)
-        fns = {"ours": _call(lambda: lowrank.monarch_matmul(*ins), ins, grad),
-               "bmm": _call(lambda: monarch_matmul_bmm(*ins), ins, grad),
-               "dense": _call(lambda: F.linear(x, dense), (x, dense), grad)}
+        fns = {"ours": fwd_or_fwd_bwd(lambda: lowrank.monarch_matmul(*ins), ins, grad),
+               "bmm": fwd_or_fwd_bwd(lambda: monarch_matmul_bmm(*ins), ins, grad),
+               "dense": fwd_or_fwd_bwd(lambda: F.linear(x, dense), (x, dense), grad)}
         ms = time_ms_each(fns, device)
         row["ours_ms"], row["bmm_ms"], row["dense_ms"] = ms["ours"], ms["bmm"], ms["dense"]
         row["ours_mb"], row["bmm_mb"] = peak_memory_mb(fns["ours"], device), peak_memory_mb(fns["bmm"], device)

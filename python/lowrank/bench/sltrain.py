@@ -30,6 +30,7 @@ from lowrank.reference import sltrain_linear_official, sltrain_linear_reference,
 
 from . import Rows
 from .hardware import DTYPE_NAMES, roofline
+from . import fwd_or_fwd_bwd, rel_err
 from .timing import peak_memory_mb, time_ms_each
 
 TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 2e-2, torch.float16: 2e-2}
@@ -60,10 +61,6 @@ def cases(device: str, quick: bool) -> list[Case]:
     return [Case(lead, i, o, r, d, dtype, mode) for lead, i, o, r, d in shapes for mode in ("fwd", "fwd+bwd")]
 
 
-def _rel_err(got: torch.Tensor, ref: torch.Tensor) -> float:
-    return ((got.double() - ref).abs().max() / ref.abs().max().clamp_min(1e-30)).item()
-
-
 def _reference(x, A, B, values, indices, grad) -> list[torch.Tensor]:
     """float64 output (and gradients of x, A, B, values when ``grad`` is given) of the official path."""
     ref_in = [t.detach().double().requires_grad_(grad is not None) for t in (x, A, B, values)]
@@ -75,7 +72,7 @@ def _max_err(fn, x, A, B, values, indices, grad, refs) -> float:
     """Worst relative error of ``fn`` (and of its gradients when ``grad`` is given) against ``refs``."""
     out = fn(x, A, B, values, indices)
     got = [out] + ([] if grad is None else list(torch.autograd.grad(out, (x, A, B, values), grad)))
-    errs = [_rel_err(g, r) for g, r in zip(got, refs)]
+    errs = [rel_err(g, r) for g, r in zip(got, refs)]
     return max(errs, key=lambda e: math.inf if math.isnan(e) else e)  # a NaN must win, and fail
 
 
@@ -85,16 +82,6 @@ def _ours(x, A, B, values, indices, check=True):
 
 def _official(x, A, B, values, indices):
     return sltrain_linear_official(x, A, B, values, indices, SCALE)
-
-
-def _call(make_out, inputs, grad):
-    """A forward, or forward + backward when ``grad`` is given."""
-    if grad is None:
-        return make_out
-
-    def fn():
-        return torch.autograd.grad(make_out(), inputs, grad)
-    return fn
 
 
 def measure(case: Case, device: str) -> dict:
@@ -135,9 +122,9 @@ def measure(case: Case, device: str) -> dict:
         del refs
         ins = (x, A, B, values)
         dense = sltrain_weight(A.detach(), B.detach(), values.detach(), idx64, SCALE).requires_grad_(bwd)
-        fns = {"ours": _call(lambda: _ours(*ins, idx32, check=False), ins, grad),
-               "official": _call(lambda: _official(*ins, idx64), ins, grad),
-               "dense": _call(lambda: F.linear(x, dense), (x, dense), grad)}
+        fns = {"ours": fwd_or_fwd_bwd(lambda: _ours(*ins, idx32, check=False), ins, grad),
+               "official": fwd_or_fwd_bwd(lambda: _official(*ins, idx64), ins, grad),
+               "dense": fwd_or_fwd_bwd(lambda: F.linear(x, dense), (x, dense), grad)}
         ms = time_ms_each(fns, device)
         row["ours_ms"], row["official_ms"], row["dense_ms"] = ms["ours"], ms["official"], ms["dense"]
         for name in fns:

@@ -4,7 +4,8 @@ GPU: CUDA events around each rep, with the L2 cache overwritten before every rep
 its inputs from the previous one's cache; median of the reps. CPU: torch.utils.benchmark's
 blocked_autorange median, on all the threads torch uses (its default is one thread); a call
 slower than max_call_s is timed once, to keep a CPU run within minutes. Rows that compare candidates
-(Monarch, SLTrain) time them with time_ms_each, which on a CPU interleaves them in rounds.
+(Monarch, SLTrain, iFairy, the GaLore / Fira steps) time them with time_ms_each, which on a CPU interleaves
+them in rounds.
 """
 from __future__ import annotations
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ._autograd import refuse_double_backward
+from .._loader import register_cuda_stub
 from ._common import check_companion, companion_dtype
 
 _FWD = "lowrank::monarch_matmul"
@@ -180,11 +181,5 @@ torch.library.register_autograd(_FWD_SAVE, _backward_saved, setup_context=_setup
 refuse_double_backward(_BWD, "lowrank.monarch_matmul")
 refuse_double_backward(_BWD_SAVED, "lowrank.monarch_matmul")
 
-for _name in CPU_ONLY_OP_NAMES:
-    def _cpu_only(*args, _name=_name, **kwargs):
-        raise RuntimeError(
-            f"lowrank.{_name}: CPU only (got a CUDA tensor); on CUDA, monarch_matmul's backward recomputes the "
-            "middle activation"
-        )
-
-    torch.library.impl(f"lowrank::{_name}", "CUDA")(_cpu_only)
+register_cuda_stub(CPU_ONLY_OP_NAMES, "it is CPU only: on CUDA, monarch_matmul's backward recomputes the middle "
+                   "activation")
