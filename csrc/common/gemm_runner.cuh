@@ -1,4 +1,5 @@
-// Host-side glue shared by the CUDA op files: error checks, the current stream, and GemmRunner, which runs
+// Host-side glue shared by the CUDA op files (error checks, the current stream and the SM count come from
+// common/cuda_dispatch.cuh) and GemmRunner, which runs
 // one strided batched GEMM on torch's stream: on cuBLAS (common/cublas_gemm.cuh) when LOWRANK_CUBLAS=1 and
 // every operand has a unit stride in one dimension, else on common/strided_gemm.cuh (any strides,
 // permuted epilogues) with torch-allocated split-K workspace. Everything is inline: each .cu file includes it.
@@ -14,6 +15,7 @@
 
 #include "common/checks.h"
 #include "common/cublas_gemm.cuh"
+#include "common/cuda_dispatch.cuh"
 #include "common/strided_gemm.cuh"
 
 namespace lowrank {
@@ -22,26 +24,6 @@ namespace cuda_glue {
 using sgemm::Operand;
 using sgemm::Output;
 using sgemm::Problem;
-
-inline void check_cuda(cudaError_t e, const char* op, const char* what) {
-  STD_TORCH_CHECK(e == cudaSuccess, op, ": CUDA error in ", what, ": ", cudaGetErrorString(e));
-}
-
-inline cudaStream_t current_stream(int32_t device_index) {
-  void* s = nullptr;
-  TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device_index, &s));
-  return static_cast<cudaStream_t>(s);
-}
-
-inline int num_sms(int32_t device_index) {
-  int v = 0;
-  const cudaError_t e = cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device_index);
-  if (e != cudaSuccess || v <= 0) {
-    (void)cudaGetLastError();
-    return 132;
-  }
-  return v;
-}
 
 // Operand / output descriptors: (group stride,) stride of M (or N), stride of K (or column).
 inline Operand operand(const Tensor& t, int64_t gs, int64_t s_mn, int64_t s_k) {
@@ -107,28 +89,15 @@ struct GemmRunner {
     }
     P.c = c;
     cudaError_t e = cudaSuccess;
-    switch (st) {
-      case ScalarType::Float: e = sgemm::launch_gemm<float>(P, plan, stream); break;
-      case ScalarType::Half: e = sgemm::launch_gemm<__half>(P, plan, stream); break;
-      case ScalarType::BFloat16: e = sgemm::launch_gemm<__nv_bfloat16>(P, plan, stream); break;
-      default: STD_TORCH_CHECK(false, op, ": unsupported dtype on CUDA");
-    }
+    dispatch_cuda_float(op, st, [&](auto tag) { e = sgemm::launch_gemm<decltype(tag)>(P, plan, stream); });
     check_cuda(e, op, "strided GEMM launch");
     if (plan.splits > 1) {
       const float* wsp = static_cast<const float*>(ws.const_data_ptr());
       void* dst = c_tensor->mutable_data_ptr();
-      switch (st) {
-        case ScalarType::Float:
-          e = sgemm::launch_splitk_reduce<float>(wsp, static_cast<float*>(dst), elems, plan.splits, stream);
-          break;
-        case ScalarType::Half:
-          e = sgemm::launch_splitk_reduce<__half>(wsp, static_cast<__half*>(dst), elems, plan.splits, stream);
-          break;
-        default:
-          e = sgemm::launch_splitk_reduce<__nv_bfloat16>(wsp, static_cast<__nv_bfloat16*>(dst), elems,
-                                                          plan.splits, stream);
-          break;
-      }
+      dispatch_cuda_float(op, st, [&](auto tag) {
+        using T = decltype(tag);
+        e = sgemm::launch_splitk_reduce<T>(wsp, static_cast<T*>(dst), elems, plan.splits, stream);
+      });
       check_cuda(e, op, "split-K reduce launch");
     }
     // ws (if any) is released to the caching allocator on the current stream, after the reduce is queued.

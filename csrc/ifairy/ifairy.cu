@@ -53,25 +53,9 @@ namespace lowrank {
 namespace ifairy {
 namespace {
 
-// (common/gemm_runner.cuh has the same glue, but including it would instantiate the GEMM kernels here.)
-void check_cuda(cudaError_t e, const char* op, const char* what) {
-  STD_TORCH_CHECK(e == cudaSuccess, op, ": CUDA error in ", what, ": ", cudaGetErrorString(e));
-}
-
-cudaStream_t current_stream(int32_t device_index) {
-  void* s = nullptr;
-  TORCH_ERROR_CODE_CHECK(aoti_torch_get_current_cuda_stream(device_index, &s));
-  return static_cast<cudaStream_t>(s);
-}
-
-int num_sms(int32_t device_index) {
-  int v = 0;
-  if (cudaDeviceGetAttribute(&v, cudaDevAttrMultiProcessorCount, device_index) != cudaSuccess || v <= 0) {
-    (void)cudaGetLastError();
-    return 132;
-  }
-  return v;
-}
+using cuda_glue::check_cuda;
+using cuda_glue::current_stream;
+using cuda_glue::num_sms;
 
 constexpr const char* kQuant = "lowrank.ifairy_quantize";
 constexpr const char* kDequant = "lowrank.ifairy_dequantize";
@@ -79,17 +63,6 @@ constexpr const char* kLinear = "lowrank.ifairy_linear";
 constexpr int64_t kInPad = 64;  // activations padded to whole 16-byte packed chunks
 
 
-__device__ __forceinline__ float to_f(float v) { return v; }
-__device__ __forceinline__ float to_f(__half v) { return __half2float(v); }
-__device__ __forceinline__ float to_f(__nv_bfloat16 v) { return __bfloat162float(v); }
-template <typename T>
-__device__ __forceinline__ T from_f(float v);
-template <>
-__device__ __forceinline__ float from_f<float>(float v) { return v; }
-template <>
-__device__ __forceinline__ __half from_f<__half>(float v) { return __float2half_rn(v); }
-template <>
-__device__ __forceinline__ __nv_bfloat16 from_f<__nv_bfloat16>(float v) { return __float2bfloat16_rn(v); }
 
 // ---------------------------------------------------------------------------------------- bit decode
 // w: 16 packed weights (byte j holds elements 4j..4j+3). For element slot k, byte j of re (im) is the int8
@@ -156,7 +129,7 @@ __global__ void __launch_bounds__(256) act_quant_kernel(const T* __restrict__ xr
   const int part = blockIdx.y;
   const T* x = (part == 0 ? xr : xi) + t * in;
   float m = 0.f;
-  for (int64_t j = threadIdx.x; j < in; j += blockDim.x) m = fmaxf(m, fabsf(to_f(x[j])));
+  for (int64_t j = threadIdx.x; j < in; j += blockDim.x) m = fmaxf(m, fabsf(to_f32(x[j])));
   __shared__ float red[32];
   for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
   if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = m;
@@ -173,7 +146,7 @@ __global__ void __launch_bounds__(256) act_quant_kernel(const T* __restrict__ xr
     // destination p = 16g + 4k + j holds source element 16g + 4j + k
     const int64_t g = p >> 4, k = (p >> 2) & 3, j = p & 3;
     const int64_t src = 16 * g + 4 * j + k;
-    dst[p] = src < in ? static_cast<int8_t>(act_quant(to_f(x[src]), a)) : int8_t(0);
+    dst[p] = src < in ? static_cast<int8_t>(act_quant(to_f32(x[src]), a)) : int8_t(0);
   }
   if (threadIdx.x == 0) a_out[2 * t + part] = a;
 }
@@ -183,8 +156,8 @@ __device__ __forceinline__ void store_output(T* yr, T* yi, int64_t idx, float s_
                                              int32_t A, int32_t B, int32_t C, int32_t D) {
   const float re = s_re * (static_cast<float>(A) / ar) + s_im * (static_cast<float>(B) / ai);
   const float im = s_im * (static_cast<float>(D) / ar) - s_re * (static_cast<float>(C) / ai);
-  yr[idx] = from_f<T>(re);
-  yi[idx] = from_f<T>(im);
+  yr[idx] = from_f32<T>(re);
+  yi[idx] = from_f32<T>(im);
 }
 
 // ------------------------------------------------------------------------------ decode (T <= 16)
@@ -222,7 +195,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_w2a8_kernel(PackedView p
       if (v < 2 * T_) {
         const T* x = ((v & 1) ? xi : xr) + static_cast<int64_t>(v >> 1) * in;
 #pragma unroll 4
-        for (int64_t j = threadIdx.x; j < in; j += blockDim.x) mx[v] = fmaxf(mx[v], fabsf(to_f(x[j])));
+        for (int64_t j = threadIdx.x; j < in; j += blockDim.x) mx[v] = fmaxf(mx[v], fabsf(to_f32(x[j])));
       }
 #pragma unroll
       for (int o = 16; o > 0; o >>= 1) mx[v] = fmaxf(mx[v], __shfl_xor_sync(0xffffffffu, mx[v], o));
@@ -242,7 +215,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_w2a8_kernel(PackedView p
 #pragma unroll 4
       for (int64_t p = threadIdx.x; p < in_pad; p += blockDim.x) {
         const int64_t src = (p & ~int64_t(15)) + 4 * (p & 3) + ((p >> 2) & 3);  // see act_quant_kernel
-        q_smem[v * in_pad + p] = src < in ? static_cast<int8_t>(act_quant(to_f(x[src]), av)) : int8_t(0);
+        q_smem[v * in_pad + p] = src < in ? static_cast<int8_t>(act_quant(to_f32(x[src]), av)) : int8_t(0);
       }
     }
     __syncthreads();
@@ -452,7 +425,7 @@ __global__ void __launch_bounds__(kGemvWarps * 32) linear_float_kernel(PackedVie
 #pragma unroll
         for (int t = 0; t < kFloatTokens; ++t) {
           if (t < nt) {
-            const float vr = to_f(xr[(t0 + t) * in + j]), vi = to_f(xi[(t0 + t) * in + j]);
+            const float vr = to_f32(xr[(t0 + t) * in + j]), vi = to_f32(xi[(t0 + t) * in + j]);
             const float sr = positive ? vr : -vr, si = positive ? vi : -vi;
             if (imag) {
               acc[t][1] += si, acc[t][3] += sr;
@@ -470,8 +443,8 @@ __global__ void __launch_bounds__(kGemvWarps * 32) linear_float_kernel(PackedVie
       for (int t = 0; t < kFloatTokens; ++t)
         if (t < nt) {
           const int64_t idx = (t0 + t) * out + r;
-          yr[idx] = from_f<T>(s_re * acc[t][0] + s_im * acc[t][1]);
-          yi[idx] = from_f<T>(s_im * acc[t][3] - s_re * acc[t][2]);
+          yr[idx] = from_f32<T>(s_re * acc[t][0] + s_im * acc[t][1]);
+          yi[idx] = from_f32<T>(s_im * acc[t][3] - s_re * acc[t][2]);
         }
     }
   }
@@ -511,7 +484,7 @@ __global__ void __launch_bounds__(256) quantize_rows_kernel(const T* __restrict_
       for (int e = 0; e < 4; ++e) {
         const int64_t j = 4 * b + e;
         if (j < in) {
-          const float x = to_f(wr[r * in + j]), y = to_f(wi[r * in + j]);
+          const float x = to_f32(wr[r * in + j]), y = to_f32(wi[r * in + j]);
           const uint32_t c = phase_code(x, y);
           byte |= c << (2 * e);
           if (c & 2u) {

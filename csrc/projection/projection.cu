@@ -61,26 +61,10 @@ constexpr int kPadM = kBM + 4, kPadN = kBN + 4;  // row pitch of the k-major sme
 
 enum Epilogue : int { kEpiProject = 0, kEpiUpdate = 1, kEpiScores = 2 };
 
+// plain load (W is read here and written by the same thread later), converted to fp32
 template <typename T>
 __device__ __forceinline__ float ld_f32(const T* p) {
-  if constexpr (std::is_same<T, float>::value) {
-    return *p;  // plain load: W is read here and written by the same thread later
-  } else if constexpr (std::is_same<T, __half>::value) {
-    return __half2float(*p);
-  } else {
-    return __bfloat162float(*p);
-  }
-}
-
-template <typename T>
-__device__ __forceinline__ T from_f32(float v) {
-  if constexpr (std::is_same<T, float>::value) {
-    return v;
-  } else if constexpr (std::is_same<T, __half>::value) {
-    return __float2half_rn(v);
-  } else {
-    return __float2bfloat16_rn(v);
-  }
+  return to_f32<T>(*p);
 }
 
 struct GemmArgs {
@@ -573,16 +557,6 @@ void launch_gemm(const char* op, const GemmArgs& p, const EpiArgs& e, int splits
   check_cuda(cudaGetLastError(), op, "GEMM launch");
 }
 
-template <typename F>
-void dispatch_g(ScalarType st, const char* op, F&& f) {
-  switch (st) {
-    case ScalarType::Float: return f(float{});
-    case ScalarType::Half: return f(__half{});
-    case ScalarType::BFloat16: return f(__nv_bfloat16{});
-    default: STD_TORCH_CHECK(false, op, ": unsupported dtype on CUDA ", torch::headeronly::toString(st));
-  }
-}
-
 const float* fptr(const Tensor& t) { return static_cast<const float*>(t.const_data_ptr()); }
 
 // ------------------------------------------------------------------------------------------------ ops
@@ -634,7 +608,7 @@ std::tuple<Tensor, Tensor> galore_project_cuda(Tensor G, Tensor P, bool left, bo
       e.sq_split_stride = M;
     }
   }
-  dispatch_g(G.scalar_type(), kProjectOp, [&](auto tag) {
+  dispatch_cuda_float(kProjectOp, G.scalar_type(), [&](auto tag) {
     launch_gemm<decltype(tag), kEpiProject>(kProjectOp, p, e, static_cast<int>(splits), stream);
   });
   if (splits > 1) {
@@ -693,12 +667,12 @@ void galore_update_cuda(Tensor W, Tensor M, Tensor P, bool left, double decay, s
     e.scale_per_col = left ? 1 : 0;
   }
   const cudaStream_t stream = current_stream(dev);
-  dispatch_g(W.scalar_type(), kUpdateOp, [&](auto wtag) {
+  dispatch_cuda_float(kUpdateOp, W.scalar_type(), [&](auto wtag) {
     using TW = decltype(wtag);
     if (!G.has_value()) {
       launch_gemm<float, kEpiUpdate, TW, void>(kUpdateOp, p, e, 1, stream);
     } else {
-      dispatch_g(Gc.scalar_type(), kUpdateOp, [&](auto gtag) {
+      dispatch_cuda_float(kUpdateOp, Gc.scalar_type(), [&](auto gtag) {
         launch_gemm<float, kEpiUpdate, TW, decltype(gtag)>(kUpdateOp, p, e, 1, stream);
       });
     }
@@ -750,7 +724,7 @@ Tensor basis_scores_cuda(Tensor G, Tensor Q, bool left) {
   p.k_per_split = static_cast<int>(k);
   EpiArgs e{};
   e.partial = static_cast<float*>(partial.mutable_data_ptr());
-  dispatch_g(G.scalar_type(), kScoresOp, [&](auto tag) {
+  dispatch_cuda_float(kScoresOp, G.scalar_type(), [&](auto tag) {
     launch_gemm<decltype(tag), kEpiScores>(kScoresOp, p, e, 1, stream);
   });
   reduce_partials_kernel<<<grid_for(k, sms), 256, 0, stream>>>(fptr(partial),
