@@ -515,10 +515,8 @@ __global__ void __launch_bounds__(256) quantize_scales_kernel(const double* __re
   block_sum3(red_re, red_im, red_n, sre, sim, n);
   if (threadIdx.x == 0) {
     const long long n_re = red_n[0], n_im = static_cast<long long>(out * in) - red_n[0];
-    const float m_re = static_cast<float>(n_re > 0 ? red_re[0] / static_cast<double>(n_re) : 0.0);
-    const float m_im = static_cast<float>(n_im > 0 ? red_im[0] / static_cast<double>(n_im) : 0.0);
-    scales[0] = m_re > kScaleMin ? m_re : kScaleMin;
-    scales[1] = m_im > kScaleMin ? m_im : kScaleMin;
+    scales[0] = axis_scale(red_re[0], n_re);
+    scales[1] = axis_scale(red_im[0], n_im);
   }
 }
 

@@ -118,7 +118,7 @@ inline void check_dequantize_inputs(const char* op, const Tensor& packed, const 
 }
 
 // Mean of |w| over the weights of one axis, clamped; an axis no weight was mapped to gets the clamp value.
-inline float axis_scale(double sum, int64_t count) {
+LOWRANK_HD float axis_scale(double sum, int64_t count) {
   const double m = count > 0 ? sum / static_cast<double>(count) : 0.0;
   const float f = static_cast<float>(m);
   return f > kScaleMin ? f : kScaleMin;

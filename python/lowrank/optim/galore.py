@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 from ..ops import projection as _ops
+from ..ops._common import companion_dtype
 
 __all__ = ["GaLoreAdamW", "PerLayerStep", "register_per_layer_step", "shared_dct_basis"]
 
@@ -53,10 +54,6 @@ def shared_dct_basis(n: int, device: torch.device, dtype: torch.dtype = torch.fl
 def _projects_left(shape: torch.Size, proj_type: str) -> bool:
     m, n = shape
     return {"std": m < n, "reverse_std": m >= n, "right": False, "left": True}[proj_type]
-
-
-def _state_dtype(p: torch.Tensor) -> torch.dtype:
-    return torch.float64 if p.dtype == torch.float64 else torch.float32
 
 
 class GaLoreAdamW(torch.optim.Optimizer):
@@ -158,7 +155,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     def _refresh(self, G: torch.Tensor, state: dict, group: dict, left: bool, rank: int) -> None:
         """A new subspace for this gradient: P (svd, randomized) or DCT row indices (dct) into ``state``."""
-        sdtype = _state_dtype(G)
+        sdtype = companion_dtype(G.dtype)
         basis = group["basis"]
         if basis == "dct":
             size = G.shape[0] if left else G.shape[1]
@@ -177,7 +174,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if group["basis"] != "dct":
             return state["P"]
         size = G.shape[0] if left else G.shape[1]
-        rows = shared_dct_basis(size, G.device, _state_dtype(G)).index_select(0, state["basis_idx"])
+        rows = shared_dct_basis(size, G.device, companion_dtype(G.dtype)).index_select(0, state["basis_idx"])
         return rows.T.contiguous() if left else rows  # (m, r) left, (r, n) right
 
     def _projected_step(self, p: torch.Tensor, group: dict) -> None:
