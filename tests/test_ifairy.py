@@ -798,7 +798,7 @@ def test_module_fresh_init_is_usable():
 def test_module_state_dict_roundtrip(device):
     layer = IFairyLinear.from_float(torch.randn(9, 13), torch.randn(9, 13)).to(device)
     sd = layer.state_dict()
-    assert set(sd) == {"packed", "scales"}
+    assert set(sd) == {"packed", "scales", "_extra_state"} and sd["_extra_state"].tolist() == [13]
     assert sd["packed"].dtype == torch.uint8 and sd["packed"].shape == (9, 4) and sd["scales"].dtype == torch.float32
     buf = io.BytesIO()
     torch.save(sd, buf)
@@ -897,7 +897,7 @@ def block_complex128(block: IFairyBlock, x: torch.Tensor) -> torch.Tensor:
     hn = norm(block.input_layernorm, x)
     q, k, v = (lin(p, hn).view(b, t, cfg.num_heads, d).transpose(1, 2) for p in (att.q_proj, att.k_proj, att.v_proj))
     q, k = q * rot, k * rot
-    scores = (q @ k.conj().transpose(-1, -2)).real / math.sqrt(d)
+    scores = (q @ k.conj().transpose(-1, -2)).real / math.sqrt(2 * d)  # flash-attention's scale, as trained
     scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
     o = (scores.softmax(-1).to(torch.complex128) @ v).transpose(1, 2).reshape(b, t, h)
     x = x + lin(att.o_proj, norm(att.attn_layernorm, o))

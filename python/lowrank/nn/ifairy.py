@@ -28,6 +28,10 @@ class IFairyLinear(nn.Module):
     as the model was trained; ``act_quant=False`` keeps x in its dtype. Build it from latent full-precision
     weights with :meth:`from_float` (PhaseQuant); a fresh layer holds random codes and scales ``1/√in``.
     No parameters and no gradients: asking for one raises.
+
+    ``state_dict`` also holds ``_extra_state``: int64 ``[in_features]``, because ``packed`` alone fixes
+    ``in_features`` only up to ``ceil(in/4)`` (a 130-input weight fits a 129-input layer's buffer). Loading checks
+    it; a state dict saved before it existed (no ``_extra_state``) still loads, checked by shape only.
     """
 
     def __init__(self, in_features: int, out_features: int, act_quant: bool = True, device=None):
@@ -45,8 +49,11 @@ class IFairyLinear(nn.Module):
         """Random codes (padding codes 0) and ``s_re = s_im = 1/√in``, so ``|y| ≈ |x|`` on random data."""
         if self.packed.is_meta:
             return
-        codes = torch.randint(0, 4, (self.out_features, self.in_features), device=self.packed.device)
-        self.packed.copy_(lowrank.reference.ifairy_pack_codes(codes))
+        # random bytes are random codes: no (out, in) code tensor, so a 1.3B-shaped model builds in its packed size
+        self.packed.random_(0, 256)
+        tail = self.in_features % 4
+        if tail:
+            self.packed[:, -1] &= (1 << (2 * tail)) - 1  # padding codes stay 0
         self.scales.fill_(self.in_features ** -0.5)
 
     @classmethod
@@ -80,8 +87,20 @@ class IFairyLinear(nn.Module):
             self.scales = scales.to(self.scales.device)
         return self
 
+    def get_extra_state(self) -> torch.Tensor:
+        return torch.tensor([self.in_features], dtype=torch.int64)
+
+    def set_extra_state(self, state) -> None:
+        pass  # checked, before anything is copied, in _load_from_state_dict
+
     def _load_from_state_dict(self, state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                               error_msgs):
+        extra = state_dict.get(prefix + "_extra_state")
+        if extra is not None:
+            recorded = extra.tolist() if isinstance(extra, torch.Tensor) else extra
+            if recorded != [self.in_features]:
+                raise ValueError(f"IFairyLinear({self.in_features}, {self.out_features}): {prefix}_extra_state "
+                                 f"records in_features {recorded}, this layer has {self.in_features}")
         expected = {"packed": (torch.uint8, _packed_shape(self.in_features, self.out_features)),
                     "scales": (torch.float32, (2,))}
         for name, (dtype, shape) in expected.items():
@@ -96,6 +115,8 @@ class IFairyLinear(nn.Module):
                 raise ValueError(f"IFairyLinear: {prefix}scales must be finite, got {value.tolist()}")
         super()._load_from_state_dict(state_dict, prefix, local_metadata, strict, missing_keys, unexpected_keys,
                                       error_msgs)
+        if extra is None and prefix + "_extra_state" in missing_keys:
+            missing_keys.remove(prefix + "_extra_state")  # saved before in_features was recorded: shape-checked
 
     def extra_repr(self) -> str:
         return (f"in_features={self.in_features}, out_features={self.out_features}, act_quant={self.act_quant}, "
