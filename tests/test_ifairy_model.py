@@ -1,0 +1,255 @@
+"""Tests of lowrank.nn.IFairyForCausalLM: the whole model against complex arithmetic, KV-cached decoding against
+full recomputation, greedy and sampled generation, the in_features record of IFairyLinear, and the sizes of the
+700M / 1.3B shapes (built on the meta device: nothing allocated).
+"""
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from lowrank.nn import IFairyConfig, IFairyForCausalLM, IFairyLinear
+from lowrank.nn.ifairy_model import next_token
+
+TINY = dict(hidden_size=32, intermediate_size=48, num_heads=4, vocab_size=50, num_hidden_layers=2,
+            max_position_embeddings=64)
+
+
+def tiny_model(dtype=torch.float64, act_quant=True, seed=0, **overrides) -> IFairyForCausalLM:
+    torch.manual_seed(seed)
+    model = IFairyForCausalLM(IFairyConfig(**{**TINY, "act_quant": act_quant, **overrides})).to(dtype)
+    with torch.no_grad():  # norms away from 1, head larger: every part of the model shows in the logits
+        for name, p in model.named_parameters():
+            if "weight_real" in name or "weight_imag" in name:
+                p.uniform_(0.5, 1.5)
+        model.lm_head.weight.normal_(0, 1)
+    return model.eval()
+
+
+def model_complex128(model: IFairyForCausalLM, ids: torch.Tensor) -> torch.Tensor:
+    """The same model in torch's complex128 arithmetic, written from the official model (act_quant=False)."""
+    cfg = model.config
+    d, h, kvh = cfg.head_dim, cfg.num_heads, cfg.num_key_value_heads
+
+    def lin(layer, v):
+        wr, wi = layer.dequantize()
+        return v.conj() @ torch.complex(wr.double(), wi.double()).T  # W·conj(x)
+
+    def norm(n, v):
+        inv = torch.rsqrt((v.abs() ** 2).mean(-1, keepdim=True) + n.eps)
+        return torch.complex(n.weight_real.double() * v.real, n.weight_imag.double() * v.imag) * inv
+
+    b, t = ids.shape
+    x = torch.complex(model.token_embeddings_real.weight.double()[ids],
+                      model.token_embeddings_imag.weight.double()[ids])
+    inv_freq = cfg.rope_theta ** (-torch.arange(d, dtype=torch.float64) / d)
+    rot = torch.polar(torch.ones(t, d, dtype=torch.float64), torch.arange(t, dtype=torch.float64)[:, None] * inv_freq)
+    for blk in model.layer:
+        att, mlp = blk.self_attn, blk.mlp
+        hn = norm(blk.input_layernorm, x)
+        q = lin(att.q_proj, hn).view(b, t, h, d).transpose(1, 2) * rot
+        k = (lin(att.k_proj, hn).view(b, t, kvh, d).transpose(1, 2) * rot).repeat_interleave(h // kvh, 1)
+        v = lin(att.v_proj, hn).view(b, t, kvh, d).transpose(1, 2).repeat_interleave(h // kvh, 1)
+        scores = (q @ k.conj().transpose(-1, -2)).real / math.sqrt(2 * d)  # as trained (flash-attention)
+        scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
+        o = (scores.softmax(-1).to(torch.complex128) @ v).transpose(1, 2).reshape(b, t, cfg.hidden_size)
+        x = x + lin(att.o_proj, norm(att.attn_layernorm, o))
+        hn = norm(blk.post_attention_layernorm, x)
+        g = lin(mlp.gate_proj, hn)
+        g = torch.where((g.real < 0) & (g.imag < 0), 0, g)
+        g = torch.complex(g.real ** 2, g.imag ** 2)
+        x = x + lin(mlp.down_proj, norm(mlp.ffn_layernorm, g.conj() * lin(mlp.up_proj, hn)))
+    x = norm(model.final_norm, x)
+    return torch.cat([x.real, x.imag], -1) @ model.lm_head.weight.double().T
+
+
+@pytest.mark.parametrize("kv_heads", [4, 2], ids=["mha", "gqa"])
+def test_model_matches_complex_arithmetic(kv_heads):
+    model = tiny_model(act_quant=False, num_key_value_heads=kv_heads)
+    ids = torch.randint(0, 50, (2, 7))
+    with torch.inference_mode():
+        got = model(ids)
+    want = model_complex128(model, ids)
+    print("max |logits - complex128|:", (got - want).abs().max().item())
+    torch.testing.assert_close(got, want, rtol=1e-9, atol=1e-9)
+
+
+def test_default_softmax_scale_is_flash_attentions():
+    cfg = IFairyConfig(**TINY)
+    assert cfg.softmax_scale == (2 * 8) ** -0.5  # head_dim 8 complex = width 16 in the real attention
+    assert IFairyConfig(**TINY, attention_scale=0.25).softmax_scale == 0.25
+
+
+# (dtype, act_quant, tolerance relative to max |logit|): float64 is exact up to rounding; float32 W2A8 may move
+# an int8 activation code by one where the two paths round a value on the other side of .5
+DECODE_CASES = [(torch.float64, False, 1e-12), (torch.float64, True, 1e-12), (torch.float32, True, 1e-4)]
+
+
+@pytest.mark.parametrize("dtype,act_quant,tol", DECODE_CASES, ids=["f64", "f64-W2A8", "f32-W2A8"])
+@pytest.mark.parametrize("kv_heads", [4, 1], ids=["mha", "gqa"])
+def test_cached_decode_equals_full_recompute(dtype, act_quant, tol, kv_heads):
+    model = tiny_model(dtype, act_quant, num_key_value_heads=kv_heads)
+    ids = torch.randint(0, 50, (3, 11))
+    with torch.inference_mode():
+        full = model(ids)
+        cache = model.new_cache(3, 16)
+        # prefill, a multi-token chunk after cached positions (shifted mask), then one-token steps
+        steps = [model(ids[:, :5], cache), model(ids[:, 5:8], cache)]
+        steps += [model(ids[:, i:i + 1], cache) for i in range(8, 11)]
+    assert cache.length == 11
+    inc = torch.cat(steps, 1)
+    err = ((inc - full).abs().max() / full.abs().max()).item()
+    print(f"{dtype} act_quant={act_quant}: max |cached - full| / max |full| = {err:.2e}")
+    assert err <= tol
+    assert not torch.equal(full[:, 0], full[:, 1]), "logits must depend on the token"
+
+
+def test_greedy_generate_equals_argmax_loop_over_full_recomputes():
+    model = tiny_model(torch.float64)
+    prompt = torch.randint(0, 50, (2, 4))
+    got = model.generate(prompt, 12)
+    ids = prompt
+    with torch.inference_mode():
+        for _ in range(12):
+            ids = torch.cat([ids, model(ids)[:, -1].argmax(-1, keepdim=True)], 1)
+    assert got.shape == (2, 16) and torch.equal(got[:, :4], prompt)
+    assert torch.equal(got, ids)
+    assert len(set(got[0, 4:].tolist())) > 1, "a random model should not repeat one token (test sanity)"
+
+
+def test_sampled_generate_equals_sampling_loop_over_full_recomputes():
+    model = tiny_model(torch.float64)
+    prompt = torch.randint(0, 50, (2, 3))
+    kwargs = dict(do_sample=True, temperature=0.8, top_k=20)
+    got = model.generate(prompt, 10, generator=torch.Generator().manual_seed(7), **kwargs)
+    gen, ids = torch.Generator().manual_seed(7), prompt
+    with torch.inference_mode():
+        for _ in range(10):
+            ids = torch.cat([ids, next_token(model(ids)[:, -1], generator=gen, **kwargs)[:, None]], 1)
+    assert torch.equal(got, ids)
+    again = model.generate(prompt, 10, generator=torch.Generator().manual_seed(7), **kwargs)
+    other = model.generate(prompt, 10, generator=torch.Generator().manual_seed(8), **kwargs)
+    assert torch.equal(got, again) and not torch.equal(got, other)
+    top1 = model.generate(prompt, 10, do_sample=True, top_k=1, generator=torch.Generator().manual_seed(8))
+    assert torch.equal(top1, model.generate(prompt, 10)), "top_k=1 sampling is greedy"
+
+
+def test_next_token_top_k_never_leaves_the_top_k():
+    logits = torch.randn(64, 30, dtype=torch.float64)
+    gen = torch.Generator().manual_seed(0)
+    picks = next_token(logits.repeat(20, 1), do_sample=True, temperature=5.0, top_k=3, generator=gen)
+    allowed = logits.topk(3, -1).indices.repeat(20, 1)
+    assert (picks[:, None] == allowed).any(-1).all()
+    with pytest.raises(ValueError, match="temperature"):
+        next_token(logits, do_sample=True, temperature=0.0)
+
+
+def test_generate_stops_at_eos():
+    model = tiny_model(torch.float64)
+    prompt = torch.randint(0, 50, (2, 3))
+    free = model.generate(prompt, 8)
+    eos = int(free[0, 5])  # row 0 makes this token at step 3
+    got = model.generate(prompt, 8, eos_token_id=eos)
+    row0 = got[0, 3:].tolist()
+    first = row0.index(eos)
+    assert first <= 2 and all(t == eos for t in row0[first:])
+    assert torch.equal(got[:, :3 + first + 1], free[:, :3 + first + 1])
+    assert torch.equal(model.generate(prompt, 0), prompt)
+
+
+def test_bad_calls_raise():
+    model = tiny_model(torch.float64)
+    cache = model.new_cache(1, 4)
+    with pytest.raises(ValueError, match="max_len"):
+        model(torch.zeros(1, 5, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match="batch"):
+        model(torch.zeros(2, 1, dtype=torch.long), cache)
+    with pytest.raises(ValueError, match="input_ids"):
+        model(torch.zeros(5, dtype=torch.long))
+    with pytest.raises(ValueError, match="max_new_tokens"):
+        model.generate(torch.zeros(1, 2, dtype=torch.long), -1)
+    with pytest.raises(ValueError, match="num_heads"):
+        IFairyConfig(hidden_size=30, num_heads=4)
+    with pytest.raises(ValueError, match="num_key_value_heads"):
+        IFairyConfig(hidden_size=32, num_heads=4, num_key_value_heads=3)
+
+
+def test_model_state_dict_roundtrip():
+    model = tiny_model(torch.float32)
+    buf = io.BytesIO()
+    torch.save(model.state_dict(), buf)
+    buf.seek(0)
+    fresh = tiny_model(torch.float32, seed=1)
+    fresh.load_state_dict(torch.load(buf))
+    ids = torch.randint(0, 50, (1, 6))
+    with torch.inference_mode():
+        assert torch.equal(fresh(ids), model(ids))
+
+
+# ------------------------------------------------------------------------------------ in_features in the state
+def test_in_features_is_recorded_and_checked_on_load():
+    sd = IFairyLinear(130, 8).state_dict()  # packed (8, 33): the same buffer shape as a 129- or 131-input layer
+    assert sd["_extra_state"].tolist() == [130]
+    for inn in (129, 131, 132):
+        layer = IFairyLinear(inn, 8)
+        before = layer.packed.clone()
+        with pytest.raises(ValueError, match="in_features"):
+            layer.load_state_dict(sd)
+        assert torch.equal(layer.packed, before), "a refused load must change nothing"
+    IFairyLinear(130, 8).load_state_dict(sd)
+
+
+def test_state_dict_without_in_features_record_still_loads():
+    """State dicts saved before the record existed: loaded (strict) with the buffer-shape check only."""
+    src = IFairyLinear(130, 8)
+    old = {k: v for k, v in src.state_dict().items() if k != "_extra_state"}
+    dst = IFairyLinear(130, 8)
+    result = dst.load_state_dict(old)
+    assert not result.missing_keys and not result.unexpected_keys
+    assert torch.equal(dst.packed, src.packed)
+    with pytest.raises(ValueError, match="packed"):
+        IFairyLinear(135, 8).load_state_dict(old)  # 34 bytes a row: the shape check still holds
+
+
+def test_random_init_draws_all_codes_and_keeps_padding_zero():
+    layer = IFairyLinear(4 * 64 + 3, 64)
+    codes = torch.stack([(layer.packed.long() >> (2 * j)) & 3 for j in range(4)], -1).flatten(1)
+    assert codes[:, -1].eq(0).all(), "the one padding code of each row is 0"
+    counts = torch.bincount(codes[:, :259].flatten(), minlength=4)
+    assert (counts > 0.2 * codes[:, :259].numel()).all(), f"codes drawn unevenly: {counts.tolist()}"
+
+
+# --------------------------------------------------------------------------------------- the released shapes
+@pytest.mark.parametrize("name,config,linear_weights", [
+    ("700M", IFairyConfig.ifairy_700m(), 679.5e6), ("1.3B", IFairyConfig.ifairy_1p3b(), 1.208e9)])
+def test_released_shapes_fit_in_memory(name, config, linear_weights):
+    """The complex-weight counts of the two released models, and the bytes our packed model holds: the 1.3B one
+    must fit this 24 GiB machine with room to spare (the benchmark builds it packed, never in fp32)."""
+    with torch.device("meta"):
+        model = IFairyForCausalLM(config)
+    linears = [m for m in model.modules() if isinstance(m, IFairyLinear)]
+    complex_weights = sum(m.in_features * m.out_features for m in linears)
+    assert abs(complex_weights - linear_weights) / linear_weights < 2e-3, complex_weights
+    nbytes = sum(t.numel() * t.element_size() for t in model.state_dict().values() if isinstance(t, torch.Tensor))
+    packed = sum(m.packed.numel() for m in linears)
+    print(f"{name}: {complex_weights / 1e6:.1f}M complex weights, {packed / 2**20:.0f} MiB packed, "
+          f"{nbytes / 2**30:.2f} GiB in all (fp32 embeddings and head)")
+    assert packed == sum(m.out_features * math.ceil(m.in_features / 4) for m in linears)
+    assert nbytes < 2 * 2**30
+
+
+def test_config_from_official_json():
+    official = {"vocab_size": 32002, "hidden_size": 2048, "intermediate_size": 5460, "num_hidden_layers": 24,
+                "num_attention_heads": 32, "num_key_value_heads": 32, "rms_norm_eps": 1e-5, "rope_theta": 10000,
+                "max_position_embeddings": 2048, "hidden_act": "relu2", "model_type": "complexnet",
+                "bos_token_id": 1, "eos_token_id": 2, "tie_word_embeddings": False}
+    cfg = IFairyConfig.from_official(official)
+    assert (cfg.vocab_size, cfg.hidden_size, cfg.num_heads, cfg.num_key_value_heads, cfg.head_dim) == \
+        (32002, 2048, 32, 32, 64)
+    assert IFairyConfig.from_official({}).hidden_size == 1536, "missing keys take ComplexNetConfig's defaults"
+    with pytest.raises(ValueError, match="relu2"):
+        IFairyConfig.from_official({**official, "hidden_act": "silu"})
+    with pytest.raises(ValueError, match="tie_word_embeddings"):
+        IFairyConfig.from_official({**official, "tie_word_embeddings": True})
