@@ -253,3 +253,27 @@ def test_config_from_official_json():
         IFairyConfig.from_official({**official, "hidden_act": "silu"})
     with pytest.raises(ValueError, match="tie_word_embeddings"):
         IFairyConfig.from_official({**official, "tie_word_embeddings": True})
+
+
+# ------------------------------------------------------------------------------- the bench row and the example
+def test_bench_quick_row_and_example_run(capsys):
+    import importlib.util
+    from pathlib import Path
+
+    from lowrank.bench import family_rows
+
+    rows = list(family_rows("ifairy_model", "cpu", quick=True))
+    assert len(rows) == 1 and rows[0]["ok"] and rows[0]["tokens_per_s"] > 0, rows
+    assert rows[0]["linears_ms"] > 0 and rows[0]["head_ms"] > 0
+    assert list(family_rows("ifairy_model", "cuda", quick=True)) == []
+    path = Path(__file__).parent.parent / "examples" / "ifairy_generate.py"
+    spec = importlib.util.spec_from_file_location("ifairy_generate", path)
+    example = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(example)
+    threads = torch.get_num_threads()
+    try:
+        assert example.main(["--size", "tiny", "--new-tokens", "3", "--sample", "--threads", "1"]) == 0
+    finally:
+        torch.set_num_threads(threads)  # the example sets it for the process
+    out = capsys.readouterr().out
+    assert "decode: 3 tokens" in out and "tokens/s" in out and "generated: [" in out

@@ -16,6 +16,7 @@ FAMILIES = {
     "monarch": "lowrank.bench.monarch",
     "sltrain": "lowrank.bench.sltrain",
     "ifairy": "lowrank.bench.ifairy",
+    "ifairy_model": "lowrank.bench.ifairy_model",
     "projection": "lowrank.bench.projection",
 }
 
