@@ -5,8 +5,9 @@ Random weights, built packed (random codes drawn as bytes, never a float latent 
 two steps warm up, then 16 one-token steps (W2A8, KV cache) are timed one by one; ``ours ms`` is their
 median, the shape column names tokens/s = 1000 / that. Everything a step does is timed: embeddings, the
 168 packed linears, attention over the cache, norms, the float32 ``lm_head`` (``Linear(2·hidden, 32000)``:
-262 MB at 1.3B, read once per token) and the Python between them. The check compares the cached step's
-logits with a full recomputation of the same sequence (max |diff| / max |logit| <= 1e-3, W2A8 in float32).
+262 MB at 1.3B, read once per token) and the Python between them. The check compares cached steps'
+logits with a full recomputation of the same sequence on the same model with float activations (max |diff| /
+max |logit| <= 1e-4; ``cache_check`` says why not W2A8).
 The shape column also gives two parts of a step timed alone: the 168 linears and the head.
 
 The anchor is ifairy.cpp's published decode speed of the 700M model, 76.2 tokens/s (LUT path; 46.6 direct)
@@ -47,9 +48,8 @@ def cases(device: str, quick: bool) -> list[Case]:
 
 
 def decode_step_ms(model: IFairyForCausalLM, prompt_len: int = PROMPT, warmup: int = WARMUP,
-                   steps: int = STEPS, seed: int = 0) -> tuple[list[float], float]:
-    """Milliseconds of each timed one-token step, and the check error of the last step against a full
-    recomputation (see the module docstring)."""
+                   steps: int = STEPS, seed: int = 0) -> list[float]:
+    """Milliseconds of each timed one-token step (greedy, KV cache)."""
     gen = torch.Generator().manual_seed(seed)
     ids = torch.randint(0, model.config.vocab_size, (1, prompt_len), generator=gen)
     times = []
@@ -58,14 +58,36 @@ def decode_step_ms(model: IFairyForCausalLM, prompt_len: int = PROMPT, warmup: i
         logits = model(ids, cache)[:, -1]
         for i in range(warmup + steps):
             token = logits.argmax(-1, keepdim=True)
-            ids = torch.cat([ids, token], 1)
             start = time.perf_counter()
             logits = model(token, cache)[:, -1]
             if i >= warmup:
                 times.append((time.perf_counter() - start) * 1e3)
-        full = model(ids)[:, -1]
-    err = ((logits - full).abs().max() / full.abs().max().clamp_min(1e-30)).item()
-    return times, err
+    return times
+
+
+def cache_check(model: IFairyForCausalLM, prompt_len: int = 4, steps: int = 2) -> float:
+    """max |cached - full| / max |full| of the logits of ``steps`` one-token steps after a prompt, with float
+    activations: W2A8's int8 rounding of a value that the two paths compute a rounding error apart can move a
+    code by one, and a deep random model amplifies that, so W2A8 would test chaos, not the cache (the tests
+    check W2A8 on small models)."""
+    from lowrank.nn import IFairyLinear
+
+    linears = [m for m in model.modules() if isinstance(m, IFairyLinear)]
+    saved = [m.act_quant for m in linears]
+    ids = torch.randint(0, model.config.vocab_size, (1, prompt_len + steps), generator=torch.Generator().manual_seed(2))
+    try:
+        for m in linears:
+            m.act_quant = False
+        with torch.inference_mode():
+            cache = model.new_cache(1, prompt_len + steps)
+            cached = [model(ids[:, :prompt_len], cache)[:, -1]]
+            cached += [model(ids[:, i:i + 1], cache)[:, -1] for i in range(prompt_len, prompt_len + steps)]
+            full = model(ids)[:, prompt_len - 1:]
+    finally:
+        for m, q in zip(linears, saved):
+            m.act_quant = q
+    cached = torch.stack(cached, 1)
+    return ((cached - full).abs().max() / full.abs().max().clamp_min(1e-30)).item()
 
 
 def step_parts_ms(model: IFairyForCausalLM, reps: int = 5) -> dict[str, float]:
@@ -96,15 +118,15 @@ def measure(case: Case) -> dict:
     cfg = case.config
     packed = sum(o * ((i + 3) // 4) for o, i in _linear_shapes(cfg)) * cfg.num_hidden_layers
     row = {"op": "IFairyForCausalLM", "shape": f"{case.label}-shaped decode, {case.threads} thread(s)",
-           "dtype": "float32", "mode": "W2A8", "ours_ms": None, "gbps": None, "max_err": None, "tol": 1e-3,
+           "dtype": "float32", "mode": "W2A8", "ours_ms": None, "gbps": None, "max_err": None, "tol": 1e-4,
            "ok": False, "error": None, "threads": case.threads, "tokens_per_s": None, "packed_bytes": packed}
     saved = torch.get_num_threads()
     try:
         torch.set_num_threads(case.threads)
         torch.manual_seed(0)
         model = IFairyForCausalLM(cfg).eval()
-        times, err = decode_step_ms(model)
-        row["ours_ms"], row["max_err"] = statistics.median(times), err
+        row["ours_ms"] = statistics.median(decode_step_ms(model))
+        row["max_err"] = err = cache_check(model)
         row["ok"] = err <= row["tol"]
         row["tokens_per_s"] = 1e3 / row["ours_ms"]
         row.update(step_parts_ms(model))
