@@ -1,5 +1,5 @@
-"""iFairy modules: ``IFairyLinear``, a complex linear layer with 2-bit {±1, ±i} weights (inference only),
-and the example transformer block of ``ifairy_model`` built from it."""
+"""iFairy modules: ``IFairyLinear``, a complex linear layer with 2-bit {±1, ±i} weights (inference only), and,
+from ``ifairy_model``, the blocks and the whole model (``IFairyForCausalLM``) built from it."""
 from __future__ import annotations
 
 import torch
@@ -123,7 +123,7 @@ class IFairyLinear(nn.Module):
                 f"bits=2")
 
 
-from .ifairy_model import *  # noqa: E402,F401,F403  (the example block, built from IFairyLinear)
+from .ifairy_model import *  # noqa: E402,F401,F403  (the blocks and the model, built from IFairyLinear)
 from .ifairy_model import __all__ as _model_all  # noqa: E402
 
 __all__ += _model_all
