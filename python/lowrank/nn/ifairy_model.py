@@ -122,12 +122,6 @@ def rope_cos_sin(positions: torch.Tensor, head_dim: int, theta: float, dtype: to
     return angle.cos().to(dtype), angle.sin().to(dtype)
 
 
-def complex_rope(x_real: torch.Tensor, x_imag: torch.Tensor, positions: torch.Tensor, theta: float) -> Pair:
-    """Multiply complex dim d of the token at position p by ``e^{i·p·θ^(−d/D)}``; x ``(batch, heads, seq, D)``."""
-    cos, sin = rope_cos_sin(positions, x_real.shape[-1], theta, x_real.dtype)
-    return x_real * cos - x_imag * sin, x_real * sin + x_imag * cos
-
-
 class IFairyKVCache:
     """Rotated keys and values as ``[re, im]`` ``(batch, kv_heads, max_len, 2·head_dim)`` per layer, filled in order.
 
