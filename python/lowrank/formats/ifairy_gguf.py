@@ -20,12 +20,13 @@ the reader parses.
 **The rest of the file** follows ifairy.cpp's converter (``gguf-py/convert_ifairy.py``): architecture
 ``ifairy``, ``general.file_type`` 40 (its ``MOSTLY_IFAIRY``); ``token_embd`` is the real and imaginary
 embeddings as bf16 pairs in an F32 container (low 16 bits real, high 16 bits imaginary), ``(V, H)``;
-norm weights are F32 ``cat([real, imag])``; ``output`` is the F32 head ``(V, 2H)``. Tensor names: ``token_embd``,
-``output_norm``, ``output``, ``blk.N.{attn_norm, attn_q, attn_k, attn_v, attn_output, ffn_norm, ffn_gate, ffn_up,
-ffn_down}`` (llama.cpp's names) and, for iFairy's two extra norms, ``blk.N.attn_sub_norm`` (before ``o_proj``)
-and ``blk.N.ffn_sub_norm`` (before ``down_proj``), BitNet's names in llama.cpp: the fork's own names for these
-two were not available to check. We also write ``ifairy.attention.scale`` (the softmax scale; ifairy.cpp
-defaults to ``1/√head_dim``, the checkpoints were trained with ``1/√(2·head_dim)``).
+norm weights are F32 ``cat([real, imag])``; ``output`` is the F32 head ``(V, 2H)``. Tensor names are the fork's
+``LLM_ARCH_IFAIRY`` list (``src/llama-arch.cpp``): ``token_embd``, ``output_norm``, ``output``,
+``blk.N.{attn_norm, attn_q, attn_k, attn_v, attn_output, attn_sub_norm, ffn_norm, ffn_gate, ffn_up, ffn_down,
+ffn_sub_norm}``; the block's ``pre_layernorm`` / ``post_layernorm`` go to ``attn_norm`` / ``ffn_norm`` and the
+``attn_layernorm`` (before ``o_proj``) / ``ffn_layernorm`` (before ``down_proj``) to the two sub-norms, by role
+(the fork's HF-name mapping table was not available to check). We also write ``ifairy.attention.scale`` (the
+softmax scale; ifairy.cpp defaults to ``1/√head_dim``, the checkpoints were trained with ``1/√(2·head_dim)``).
 
 Not expressible: a linear whose ``in_features`` is not a multiple of 256 (the 1.3B model's ``down_proj``,
 in 5460) raises; ifairy.cpp's converter pads the FFN to 5632, which changes the ``ffn_layernorm`` statistics.
