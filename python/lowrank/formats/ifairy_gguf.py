@@ -107,7 +107,8 @@ def export_ifairy_gguf(model: IFairyForCausalLM, path: str | Path, name: str = "
     import gguf
 
     cfg = model.config
-    bad = [(n, m.in_features) for n, m in model.named_modules() if isinstance(m, IFairyLinear) and m.in_features % BLOCK]
+    bad = [(n, m.in_features) for n, m in model.named_modules()
+           if isinstance(m, IFairyLinear) and m.in_features % BLOCK]
     if bad:
         raise ValueError(f"export_ifairy_gguf: ifairy.cpp's IFAIRY blocks hold 256 weights of one row; these "
                          f"linears have in_features not a multiple of 256: {bad[:4]}")
@@ -208,7 +209,8 @@ def load_ifairy_gguf(path: str | Path, act_quant: bool = True) -> IFairyForCausa
 
     with torch.no_grad():
         pairs = array("token_embd").view(torch.int32)
-        for module, bits in ((model.token_embeddings_real, pairs << 16), (model.token_embeddings_imag, pairs & ~0xFFFF)):
+        for module, bits in ((model.token_embeddings_real, pairs << 16),
+                             (model.token_embeddings_imag, pairs & ~0xFFFF)):
             module.weight.copy_(bits.view(torch.float32))  # bf16 in the high half of a float32 is that value
         model.lm_head.weight.copy_(array("output"))
         norm(model.final_norm, "output_norm")
