@@ -61,12 +61,16 @@ def main(argv=None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--float-activations", action="store_true", help="act_quant=False (not iFairy's W2A8)")
     p.add_argument("--export-gguf", type=Path, help="also write the model as an ifairy.cpp GGUF")
+    p.add_argument("--bf16-head", action="store_true",
+                   help="hold lm_head in bfloat16 (half its bytes, faster decode; not the official float head)")
     args = p.parse_args(argv)
 
     torch.set_num_threads(args.threads)
     start = time.perf_counter()
     model = build(args)
     cfg = model.config
+    if args.bf16_head:
+        model.lm_head.bfloat16()
     packed = sum(b.numel() for n, b in model.named_buffers() if n.endswith("packed"))
     total = sum(t.numel() * t.element_size() for t in model.state_dict().values() if isinstance(t, torch.Tensor))
     print(f"model: hidden {cfg.hidden_size}, ffn {cfg.intermediate_size}, {cfg.num_hidden_layers} layers, "
@@ -106,7 +110,8 @@ def main(argv=None) -> int:
               f"(median step {statistics.median(steps) * 1e3:.1f} ms)")
         parts = step_parts_ms(model)
         rest = statistics.median(steps) * 1e3 - parts["linears_ms"] - parts["head_ms"]
-        print(f"  a step, parts timed alone: packed linears {parts['linears_ms']:.1f} ms, float32 lm_head "
+        print(f"  a step, parts timed alone: packed linears {parts['linears_ms']:.1f} ms, "
+              f"{str(model.lm_head.weight.dtype).replace('torch.', '')} lm_head "
               f"{parts['head_ms']:.1f} ms, the rest (attention, norms, Python) about {rest:.1f} ms")
     new = out[0, ids.shape[1]:].tolist()
     print("generated:", tokenizer.decode(new) if tokenizer is not None else new)

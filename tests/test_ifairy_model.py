@@ -106,6 +106,24 @@ def test_cached_decode_equals_full_recompute(dtype, act_quant, tol, kv_heads):
     assert not torch.equal(full[:, 0], full[:, 1]), "logits must depend on the token"
 
 
+def test_bfloat16_head():
+    """A head held in bfloat16: logits within bfloat16 rounding of the float32 head's, in the activations' dtype,
+    the cache still in that dtype, one-token steps (torch.mv) agreeing with the full forward (F.linear)."""
+    model = tiny_model(torch.float32)
+    ids = torch.randint(0, 50, (2, 6))
+    with torch.inference_mode():
+        want = model(ids)
+        model.lm_head.bfloat16()
+        got = model(ids)
+        cache = model.new_cache(1, 8)
+        steps = torch.cat([model(ids[:1, :5], cache), model(ids[:1, 5:], cache)], 1)
+    assert got.dtype == torch.float32 and cache.keys[0].dtype == torch.float32
+    err = ((got - want).abs().max() / want.abs().max()).item()
+    step_err = ((steps - got[:1]).abs().max() / got.abs().max()).item()
+    print(f"bf16 head vs float32 head: {err:.1e}; cached steps vs full: {step_err:.1e}")
+    assert 0 < err < 2e-2 and step_err < 1e-2
+
+
 def test_greedy_generate_equals_argmax_loop_over_full_recomputes():
     model = tiny_model(torch.float64)
     prompt = torch.randint(0, 50, (2, 4))

@@ -92,13 +92,14 @@ def cache_check(model: IFairyForCausalLM, prompt_len: int = 4, steps: int = 2) -
 
 def step_parts_ms(model: IFairyForCausalLM, reps: int = 5) -> dict[str, float]:
     """Median ms of the parts of one decode step run alone: all packed linears (one call each, W2A8, one token)
-    and the float32 head; the rest of a step is attention, norms, embeddings and Python."""
+    and the head; the rest of a step is attention, norms, embeddings and Python."""
     from lowrank.nn import IFairyLinear
 
     gen = torch.Generator().manual_seed(1)
     linears = [(m, torch.randn(1, 1, m.in_features, generator=gen), torch.randn(1, 1, m.in_features, generator=gen))
                for m in model.modules() if isinstance(m, IFairyLinear)]
-    head_x = torch.randn(1, 1, model.lm_head.in_features, generator=gen)
+    head_x = torch.randn(1, 1, model.lm_head.in_features, generator=gen,
+                         dtype=model.token_embeddings_real.weight.dtype)
 
     def median_ms(fn) -> float:
         fn()
@@ -111,7 +112,7 @@ def step_parts_ms(model: IFairyForCausalLM, reps: int = 5) -> dict[str, float]:
 
     with torch.inference_mode():
         return {"linears_ms": median_ms(lambda: [m(xr, xi) for m, xr, xi in linears]),
-                "head_ms": median_ms(lambda: model.lm_head(head_x))}
+                "head_ms": median_ms(lambda: model.logits(head_x))}
 
 
 def measure(case: Case) -> dict:

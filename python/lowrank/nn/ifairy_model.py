@@ -270,9 +270,23 @@ class IFairyForCausalLM(nn.Module):
                 nn.init.normal_(module.weight, std=0.02)
 
     def new_cache(self, batch: int, max_len: int | None = None) -> IFairyKVCache:
-        weight = self.lm_head.weight
+        weight = self.token_embeddings_real.weight  # the activations' dtype (the head may be held in another)
         return IFairyKVCache(self.config, batch, max_len or self.config.max_position_embeddings, weight.dtype,
                              weight.device)
+
+    def logits(self, x: torch.Tensor) -> torch.Tensor:
+        """``lm_head`` on ``cat([re, im])`` ``(..., 2·hidden)``, returned in ``x``'s dtype.
+
+        The head may be held in bfloat16 (``model.lm_head.bfloat16()``: half the bytes of the largest tensor read
+        per token; its dot products then round to bfloat16 too). A single row then runs as ``torch.mv``, which
+        on the CPU reads a bfloat16 matrix about 1.8x faster than ``F.linear`` reads the float32 one.
+        """
+        weight = self.lm_head.weight
+        if weight.dtype == x.dtype:
+            return self.lm_head(x)
+        rows = x.reshape(-1, x.shape[-1]).to(weight.dtype)
+        out = torch.mv(weight, rows[0])[None] if rows.shape[0] == 1 else F.linear(rows, weight)
+        return out.to(x.dtype).view(*x.shape[:-1], -1)
 
     def forward(self, input_ids: torch.Tensor, cache: IFairyKVCache | None = None) -> torch.Tensor:
         """Logits of every position; with ``cache``, the tokens follow the cached ones and are appended to it."""
@@ -290,7 +304,7 @@ class IFairyForCausalLM(nn.Module):
         if cache is not None:
             cache.length += seq
         x_real, x_imag = self.final_norm(x_real, x_imag)
-        return self.lm_head(torch.cat([x_real, x_imag], -1))
+        return self.logits(torch.cat([x_real, x_imag], -1))
 
     @torch.inference_mode()
     def generate(self, input_ids: torch.Tensor, max_new_tokens: int, *, do_sample: bool = False,
