@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import os
 import statistics
 import time
@@ -30,6 +29,7 @@ from lowrank.optim import GaLoreAdamW
 
 SIZES = {"tiny": {"hidden_size": 64, "intermediate_size": 176, "num_attention_heads": 4, "num_hidden_layers": 2},
          **LLAMA_SIZES}
+TINY_HPARAMS = {"rank": 16, "density": 0.03, "alpha": 8.0, "galore_rank": 16}
 
 
 def parse_args(argv=None):
@@ -42,7 +42,8 @@ def parse_args(argv=None):
     p.add_argument("--batch-size", type=int, default=8, help="global, split over ranks")
     p.add_argument("--seq-len", type=int, default=64)
     p.add_argument("--lr", type=float, default=3e-3)
-    p.add_argument("--rank", type=int, default=None, help="SLTrain and GaLore rank (default: the papers' for --size)")
+    p.add_argument("--rank", type=int, default=None, help="SLTrain's rank (default: the paper's for --size)")
+    p.add_argument("--galore-rank", type=int, default=None, help="GaLore / Fira rank (default: the paper's)")
     p.add_argument("--density", type=float, default=0.03)
     p.add_argument("--nblocks", type=int, default=4)
     p.add_argument("--update-proj-gap", type=int, default=200)
@@ -78,7 +79,7 @@ def build_model(args, layer: str):
                                    tie_word_embeddings=False, **SIZES[args.size])
     torch.manual_seed(args.seed)
     model = transformers.LlamaForCausalLM(cfg)
-    hp = PAPER_HPARAMS.get(args.size, {"rank": 16, "alpha": 8.0})
+    hp = PAPER_HPARAMS.get(args.size, TINY_HPARAMS)
     rank = args.rank or hp["rank"]
     targets = ["self_attn", "mlp"]  # the papers keep embeddings and lm_head dense
     if layer == "monarch":
@@ -88,7 +89,7 @@ def build_model(args, layer: str):
                                     seed=args.seed)
     else:
         report = None
-    return model, report, rank
+    return model, report, args.galore_rank or hp["galore_rank"]
 
 
 def make_optimizer(model, args, optim: str, rank: int):
@@ -130,14 +131,15 @@ class SavedActivations(torch.autograd.graph.saved_tensors_hooks):
     def _pack(self, t):
         storage = t.untyped_storage()
         key = storage.data_ptr()
-        if key not in self.params and key not in self.seen:
+        # FSDP2's unsharded parameters are nn.Parameters with storages of their own
+        if not isinstance(t, torch.nn.Parameter) and key not in self.params and key not in self.seen:
             self.seen.add(key)
             self.bytes += storage.nbytes()
         return t
 
 
 def run(args, layer: str, optim: str, tokens, rank_id: int, world: int, device) -> dict:
-    model, report, rank = build_model(args, layer)
+    model, report, galore_rank = build_model(args, layer)
     model.to(device)
     if world > 1 and args.parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
@@ -152,7 +154,7 @@ def run(args, layer: str, optim: str, tokens, rank_id: int, world: int, device) 
         wrapped = torch.nn.parallel.DistributedDataParallel(model)
     else:
         wrapped = model
-    opt = make_optimizer(model, args, optim, rank)
+    opt = make_optimizer(model, args, optim, galore_rank)
     data = batches(tokens, args, rank_id, world)
     losses, times, activations = [], [], 0
     if device.type == "cuda":
@@ -188,7 +190,7 @@ def run(args, layer: str, optim: str, tokens, rank_id: int, world: int, device) 
     result = {"layer": layer, "optim": optim, "losses": losses,
               "step_ms": 1e3 * statistics.median(times[1:] or times),
               "memory_bytes": counted, "peak_bytes": sum(counted.values()),
-              "params": sum(p.numel() for p in model.parameters()) * (world if args.parallel == "fsdp" else 1),
+              "params": sum(p.numel() for p in model.parameters()),  # a DTensor's numel is the global one
               "report": str(report) if report is not None else "dense"}
     if device.type == "cuda":
         result["cuda_max_allocated"] = torch.cuda.max_memory_allocated(device)
