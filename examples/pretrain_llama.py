@@ -209,6 +209,9 @@ def table(results: list[dict]) -> str:
                      f"{r['losses'][0]:>8.3f} -> {r['losses'][-1]:<7.3f} {r['step_ms']:>9.1f} "
                      f"{r['step_ms'] / base['step_ms']:>7.2f}x {parts:>24} "
                      f"{r['peak_bytes'] / base['peak_bytes']:>7.2f}x")
+        if "cuda_max_allocated" in r:
+            lines[-1] += (f"   CUDA peak {r['cuda_max_allocated'] / mb:.1f} MB "
+                          f"({r['cuda_max_allocated'] / base['cuda_max_allocated']:.2f}x)")
     return "\n".join(lines)
 
 

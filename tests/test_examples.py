@@ -30,8 +30,8 @@ def example():
     return load_example()
 
 
-# SLTrain's factors at tiny size are 16 x 64: GaLore rank 8 so that Fira projects them
-@pytest.mark.parametrize("layer,optim,extra", [("dense", "galore", []), ("sltrain", "fira", ["--galore-rank", "8"])])
+# SLTrain's factors at tiny size are 16 x 64: GaLore rank 8 so that Fira projects them; bf16 autocast
+@pytest.mark.parametrize("layer,optim,extra", [("dense", "galore", []), ("sltrain", "fira", ["--galore-rank", "8", "--amp"])])
 def test_single_process_against_dense(example, layer, optim, extra, tmp_path, capsys):
     out = tmp_path / "r.json"
     example.main([*TINY, "--layer", layer, "--optim", optim, *extra, "--json", str(out)])
