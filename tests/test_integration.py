@@ -110,6 +110,8 @@ def test_autocast_op_level_rules():
         idx = torch.tensor([0, 7, 9, 20, 47], dtype=torch.int32)
         out = lowrank.sltrain_linear(x, A, B, v, idx, 0.5, torch.randn(6))
         assert out.dtype == torch.bfloat16
+        by_keyword = torch.ops.lowrank.sltrain_linear(x, A, B, v, idx, 0.5, bias=torch.randn(6), check=False)
+        assert by_keyword.dtype == torch.bfloat16
     assert lowrank.monarch_matmul(x, w1, w2).dtype == torch.float32
     for op in ("monarch_matmul", "monarch_matmul_forward_saving", "sltrain_linear"):
         for key in ("AutocastCPU", "AutocastCUDA"):

@@ -29,12 +29,15 @@ def register_autocast_to_region_dtype(op_name: str, device_types=("cpu", "cuda")
         key_name = "Autocast" + torch._C._dispatch_key_for_device(device_type)
         key = getattr(torch._C.DispatchKey, key_name)
 
-        def autocast_kernel(*args, _device_type=device_type, _key=key):
+        def autocast_kernel(*args, _device_type=device_type, _key=key, **kwargs):
             dtype = torch.get_autocast_dtype(_device_type)
+            args = [_cast(a, _device_type, dtype) for a in args]
+            kwargs = {k: _cast(v, _device_type, dtype) for k, v in kwargs.items()}
             with torch._C._ExcludeDispatchKeyGuard(torch._C.DispatchKeySet(_key)):
-                return op(*(_cast(a, _device_type, dtype) for a in args))
+                return op(*args, **kwargs)
 
         if op.has_kernel_for_dispatch_key(key):
             op.py_kernels.pop(key, None)
         op.py_impl(key)(autocast_kernel)
-        _LIB.impl(op_name, lambda _keyset, *args, _k=autocast_kernel: _k(*args), key_name, with_keyset=True)
+        _LIB.impl(op_name, lambda _keyset, *args, _k=autocast_kernel, **kwargs: _k(*args, **kwargs), key_name,
+                  with_keyset=True)
