@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import math
+import operator
 
 import torch
 from torch import nn
@@ -62,8 +63,11 @@ class SLTrainLinear(nn.Module):
                              f"rank={rank}")
         if not 0.0 <= density <= 1.0:
             raise ValueError(f"SLTrainLinear: density must lie in [0, 1], got {density}")
-        if seed is not None and not isinstance(seed, int):
-            raise TypeError(f"SLTrainLinear: seed must be an int or None, got {type(seed).__name__}")
+        if seed is not None:
+            try:
+                seed = operator.index(seed)  # ints, numpy ints; not floats or strings
+            except TypeError:
+                raise TypeError(f"SLTrainLinear: seed must be an int or None, got {type(seed).__name__}") from None
         factory = {"device": device, "dtype": dtype}
         self.in_features, self.out_features, self.rank = in_features, out_features, rank
         self.density, self.alpha, self.seed = density, alpha, seed
