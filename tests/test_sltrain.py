@@ -820,8 +820,8 @@ def test_convert_to_sltrain_replaces_targeted_linears(target):
         tgt = ["attn", "mlp"]
     else:
         tgt = lambda name, module: not name.startswith("lm_head")  # noqa: E731
-    returned = convert_to_sltrain(model, rank=8, density=0.05, alpha=16.0, target=tgt)
-    assert returned is model
+    report = convert_to_sltrain(model, rank=8, density=0.05, alpha=16.0, target=tgt)
+    assert report.model is model and set(report.replaced) == set(before) - {"lm_head"}
     after = _linear_names(model)
     assert set(after) == set(before)
     for name, old in before.items():

@@ -107,7 +107,8 @@ class MonarchLinear(nn.Module):
         y = monarch_matmul(x, self.blkdiag1, self.blkdiag2, save_middle=self.save_middle)
         if self.out_features_extended != self.out_features:
             y = y[..., : self.out_features]
-        return y + self.bias if self.bias is not None else y
+        # The bias follows y's dtype, so under autocast the output has the region's dtype like nn.Linear's.
+        return y + self.bias.to(y.dtype) if self.bias is not None else y
 
     def to_dense(self) -> torch.Tensor:
         """The equivalent dense ``(out_features, in_features)`` weight."""

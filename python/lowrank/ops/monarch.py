@@ -183,3 +183,9 @@ refuse_double_backward(_BWD_SAVED, "lowrank.monarch_matmul")
 
 register_cuda_stub(CPU_ONLY_OP_NAMES, "it is CPU only: on CUDA, monarch_matmul's backward recomputes the middle "
                    "activation")
+
+# Autocast (CPU and CUDA): inputs cast to the region's dtype like nn.Linear; see _autocast.py.
+from ._autocast import register_autocast_to_region_dtype  # noqa: E402
+
+for _name in ("monarch_matmul", "monarch_matmul_forward_saving"):
+    register_autocast_to_region_dtype(_name)

@@ -104,3 +104,8 @@ def _backward(ctx, grad_out):
 torch.library.register_autograd(_FWD, _backward, setup_context=_setup_context)
 
 refuse_double_backward(_BWD, "lowrank.sltrain_linear")
+
+# Autocast (CPU and CUDA): x, A, B, values and bias cast to the region's dtype like nn.Linear; see _autocast.py.
+from ._autocast import register_autocast_to_region_dtype  # noqa: E402
+
+register_autocast_to_region_dtype("sltrain_linear")
