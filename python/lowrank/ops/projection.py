@@ -224,11 +224,11 @@ def _adam_lowrank_8bit_fake(exp_avg, exp_avg_absmax, exp_avg_sq, exp_avg_sq_absm
                  lambda: f"{op}: exp_avg_sq must be uint8 (unsigned codes), got {exp_avg_sq.dtype}")
     torch._check(exp_avg.shape == R.shape and exp_avg_sq.shape == R.shape,
                  lambda: f"{op}: exp_avg, exp_avg_sq and R must have the same shape")
-    torch._check(exp_avg.is_contiguous() and exp_avg_sq.is_contiguous(),
-                 lambda: f"{op}: exp_avg and exp_avg_sq must be contiguous (they are updated in place)")
+    torch._check(exp_avg.is_contiguous(), lambda: f"{op}: exp_avg must be contiguous (it is updated in place)")
+    torch._check(exp_avg_sq.is_contiguous(), lambda: f"{op}: exp_avg_sq must be contiguous (it is updated in place)")
     blocks = (R.numel() + STATE8_BLOCK - 1) // STATE8_BLOCK
     for name, a in (("exp_avg_absmax", exp_avg_absmax), ("exp_avg_sq_absmax", exp_avg_sq_absmax)):
         torch._check(a.dtype == torch.float32, lambda: f"{op}: {name} must be float32, got {a.dtype}")
         torch._check(a.dim() == 1 and a.shape[0] == blocks,
-                     lambda: f"{op}: {name} must be 1-D of length {blocks} (one absmax per block of 256 elements)")
+                     lambda: f"{op}: {name} must be 1-D of length {blocks} (one absmax per block of 256 elements of R)")
     return torch.empty(R.shape, dtype=R.dtype, device=R.device)

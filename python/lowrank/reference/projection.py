@@ -109,7 +109,7 @@ def projected_adamw_step_reference(W: torch.Tensor, G: torch.Tensor, state: dict
                                    betas=(0.9, 0.999), eps: float = 1e-6, weight_decay: float = 0.0,
                                    correct_bias: bool = True, rank: int, update_proj_gap: int,
                                    scale: float = 1.0, left: bool | None = None, fira: bool = False,
-                                   basis: str = "svd") -> None:
+                                   basis: str = "svd", moments: str = "keep") -> None:
     """One GaLore (``fira=False``) or Fira (``fira=True``) AdamW step on W in place, written as the papers'
     code does it, with dense back-projections and an explicitly formed residual. ``state`` is a dict this
     function owns (empty before the first step). Works in float64 when W and G are float64 (the moments then
@@ -125,6 +125,9 @@ def projected_adamw_step_reference(W: torch.Tensor, G: torch.Tensor, state: dict
     (one per row of W on the right, per column on the left); S = φ ⊙ (G − α·back(R)); the first step stores
     ‖S‖; later steps divide S by limiter = max(‖S‖/(stored+1e-8), 1.01)/1.01 and store ‖S‖/limiter;
     W ← W − step_size·(α·back(N) + S); then decoupled weight decay.
+
+    ``moments="reproject"``: on a refresh after the first, the moments are carried into the new subspace by
+    :func:`reproject_moments_reference` (``"keep"``, galore-torch's behaviour, leaves them as they are).
     """
     m, n = G.shape
     side_left = (m < n) if left is None else left
@@ -133,7 +136,11 @@ def projected_adamw_step_reference(W: torch.Tensor, G: torch.Tensor, state: dict
     step = state.get("step", 0)
     r = min(rank, m, n)
     if "P" not in state or step % update_proj_gap == 0:
+        P_old = state.get("P")
         state["P"] = _refresh_basis(G, r, side_left, basis, cdtype)
+        if moments == "reproject" and P_old is not None and "exp_avg" in state:
+            state["exp_avg"], state["exp_avg_sq"] = reproject_moments_reference(
+                state["exp_avg"], state["exp_avg_sq"], P_old, state["P"], side_left, step, *betas)
     P = state["P"]
     R = P.T @ g if side_left else g @ P.T
     if "exp_avg" not in state:
