@@ -197,8 +197,8 @@ def test_8bit_state_layout_and_round_trip():
     assert all(torch.equal(a, b) for a, b in zip(params, params2))
 
 
-@pytest.mark.parametrize("opts", [{}, {"fira": True}, {"basis": "dct", "moments": "reproject"},
-                                  {"moments": "reproject"}], ids=["galore", "fira", "dct_reproject", "reproject"])
+@pytest.mark.parametrize("opts", [{}, {"fira": True, "moments": "reproject"}, {"basis": "dct", "moments": "reproject"}],
+                         ids=["galore", "fira_reproject", "dct_reproject"])
 @pytest.mark.parametrize("device", devices)
 def test_8bit_training_tracks_fp32(device, opts):
     """A small regression trained 60 steps: 8-bit moments reach the fp32-state loss within a few percent. The
@@ -208,24 +208,32 @@ def test_8bit_training_tracks_fp32(device, opts):
     x = torch.randn(256, 32, generator=gen)
     y = torch.tanh(x @ torch.randn(32, 16, generator=gen) / 32 ** 0.5)
     x, y = x.to(device), y.to(device)
-    results = {}
-    for bits in (32, 8):
-        torch.manual_seed(0)
-        model = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 16)).to(device)
-        weights = [model[0].weight, model[2].weight]
-        w0 = torch.cat([w.detach().reshape(-1) for w in weights])  # the same start for both runs
-        opt = GaLoreAdamW([{"params": weights, "rank": 8, "update_proj_gap": 20, "state_bits": bits, **opts},
-                           {"params": [model[0].bias, model[2].bias]}], lr=1e-2)
-        for _ in range(60):
-            loss = nn.functional.mse_loss(model(x), y)
-            opt.zero_grad()
-            loss.backward()
-            opt.step()
-        results[bits] = (loss.item(), torch.cat([w.detach().reshape(-1) for w in weights]))
-    (l32, w32), (l8, w8) = results[32], results[8]
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # tiny ops: on a loaded CI core, waking a second thread costs more than the work
+    try:
+        results = {bits: _train(device, opts, x, y, bits) for bits in (32, 8)}
+    finally:
+        torch.set_num_threads(threads)
+    (l32, w32, w0), (l8, w8, _) = results[32], results[8]
     rel_w = ((w8 - w32).norm() / (w32 - w0).norm()).item()
     print(f"{opts}: loss fp32 {l32:.5f}, 8-bit {l8:.5f}; weight diff / distance travelled {rel_w:.2e}")
     assert abs(l8 - l32) <= 0.05 * l32 and rel_w <= 0.4
+
+
+def _train(device, opts, x, y, bits):
+    """(final loss, final weights, initial weights) of 60 steps; the same start for every call."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(32, 64), nn.Tanh(), nn.Linear(64, 16)).to(device)
+    weights = [model[0].weight, model[2].weight]
+    w0 = torch.cat([w.detach().reshape(-1) for w in weights])
+    opt = GaLoreAdamW([{"params": weights, "rank": 8, "update_proj_gap": 20, "state_bits": bits, **opts},
+                       {"params": [model[0].bias, model[2].bias]}], lr=1e-2)
+    for _ in range(60):
+        loss = nn.functional.mse_loss(model(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    return loss.item(), torch.cat([w.detach().reshape(-1) for w in weights]), w0
 
 
 def test_state_options_are_validated():

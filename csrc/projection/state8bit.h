@@ -59,7 +59,11 @@ LOWRANK_HD float round_even(float a) {
 #ifdef __CUDA_ARCH__
   return rintf(a);
 #else
-  return std::nearbyint(a);  // the default rounding mode: to nearest, ties to even (torch.round)
+  // to nearest, ties to even (torch.round), for 0 <= a < 2^22: adding 1.5·2^23 leaves no fraction bits, so the
+  // sum is rounded to an integer in the default rounding mode and the subtraction is exact. Inline (std::nearbyint
+  // is a libm call); IEEE semantics (no -ffast-math) keep the compiler from folding it back to a.
+  constexpr float big = 12582912.f;
+  return (a + big) - big;
 #endif
 }
 
