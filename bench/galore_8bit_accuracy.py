@@ -120,6 +120,7 @@ def main(argv=None) -> int:
     (out / "galore_8bit_accuracy.json").write_text(json.dumps({"meta": meta, "rows": rows}, indent=1) + "\n")
     lines = [f"# GaLoreAdamW: 8-bit vs fp32 projected moments, {args.steps} steps", "",
              " ".join(f"{k}={v}" for k, v in meta.items() if k in ("device", "cpu", "torch", "commit", "utc")), "",
+             f"Note: {meta['note']}. Projected-moment memory: 8 bytes per element fp32, 2.03 bytes 8-bit.", "",
              f"rank {RANK}, update_proj_gap {GAP}, batch {BATCH}, seeds {list(SEEDS)} (means over seeds); final "
              "loss on a held-out batch. |W8-W32|/travelled: weight difference of the 8-bit run from the fp32 run "
              "as a fraction of the fp32 run's distance from the start; 'lr+0.1%' is the same ratio for an fp32 "
@@ -128,8 +129,8 @@ def main(argv=None) -> int:
              "\\|W8-W32\\|/travelled | lr+0.1% |", "|---|---|---|---|---|---|---|---|---|"]
     for r in rows:
         lines.append(f"| {r['problem']} | {r['basis']} | {r['moments']} | {r['fira']} | {r['loss_fp32_mean']:.5f} | "
-                     f"{r['loss_8bit_mean']:.5f} | {r['max_rel_loss_diff']:.2%} | {r['w_diff_mean']:.3f} | "
-                     f"{r['lr_sens_mean']:.3f} |")
+                     f"{r['loss_8bit_mean']:.5f} | {r['max_rel_loss_diff']:.2%} | {r['w_diff_mean']:.4f} | "
+                     f"{r['lr_sens_mean']:.4f} |")
     (out / "galore_8bit_accuracy.md").write_text("\n".join(lines) + "\n")
     print(f"wrote {out / 'galore_8bit_accuracy.json'} and .md")
     return 0
