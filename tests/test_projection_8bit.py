@@ -189,3 +189,10 @@ def test_8bit_first_step_equals_fp32_first_step():
     N8 = lowrank.adam_lowrank_8bit_(*zero_state((7, 45), "cpu"), R, 0.9, 0.999, 1e-8)
     N32 = adam_lowrank_reference(torch.zeros(7, 45), torch.zeros(7, 45), R, 0.9, 0.999, 1e-8)
     torch.testing.assert_close(N8, N32, rtol=1e-6, atol=1e-7)
+
+
+def test_8bit_registered_for_cpu_and_cuda():
+    name = torch.ops.lowrank.adam_lowrank_8bit_.default.name()
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CPU")
+    assert torch._C._dispatch_has_kernel_for_dispatch_key(name, "CUDA")  # the kernel, or the 'built without' stub
+    assert "adam_lowrank_8bit_" in lowrank.ops.OP_NAMES and "adam_lowrank_8bit_" in lowrank.__all__
