@@ -134,19 +134,19 @@ def problem(steps, dtype=torch.float32, shapes=((40, 27), (27, 40)), device="cpu
     return init, grads
 
 
-@pytest.mark.parametrize("fira", [False, True])
+@pytest.mark.parametrize("basis,fira", [("svd", False), ("svd", True), ("dct", False)])
 @pytest.mark.parametrize("device,dtype", [(d, torch.float32) for d in devices] + [("cpu", torch.float64)],
                          ids=lambda v: str(v).replace("torch.", ""))
-def test_reproject_step_matches_reference(device, dtype, fira):
+def test_reproject_step_matches_reference(device, dtype, basis, fira):
     init, grads = problem(7, dtype, device=device)
-    ours, opt = run_opt(init, grads, moments="reproject", fira=fira)
+    ours, opt = run_opt(init, grads, moments="reproject", fira=fira, basis=basis)
     refs = [t.clone() for t in init]
     states = [{} for _ in refs]
     for gs in grads:
         for W, g, st in zip(refs, gs, states):
             projected_adamw_step_reference(W, g, st, lr=LR, weight_decay=WD, rank=RANK, update_proj_gap=2,
-                                           scale=ALPHA, fira=fira, moments="reproject")
-    keep, _ = run_opt(init, grads, moments="keep", fira=fira)
+                                           scale=ALPHA, fira=fira, basis=basis, moments="reproject")
+    keep, _ = run_opt(init, grads, moments="keep", fira=fira, basis=basis)
     tol = 1e-10 if dtype == torch.float64 else 1e-5
     for o, r, k, st in zip(ours, refs, keep, states):
         err = ((o - r).abs().max() / r.abs().max()).item()

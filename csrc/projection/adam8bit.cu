@@ -27,18 +27,20 @@ using namespace cuda_glue;
 constexpr int kThreads = static_cast<int>(kState8Block);
 static_assert(kThreads % 32 == 0 && kThreads <= 1024, "one thread per element of a quantization block");
 
-// max over the thread block of two non-negative values; every thread gets the result.
-__device__ __forceinline__ float2 block_max2(float a, float b) {
-  __shared__ float2 warp_max[kThreads / 32];
+// max over the thread block of two values given as float bit patterns (|m| and v >= +0, for which integer order is
+// float order; the CPU kernel takes its maxima the same way, so a NaN poisons a block alike on both); every
+// thread gets the result.
+__device__ __forceinline__ uint2 block_max2(unsigned a, unsigned b) {
+  __shared__ uint2 warp_max[kThreads / 32];
   for (int off = 16; off > 0; off >>= 1) {
-    a = fmaxf(a, __shfl_xor_sync(0xffffffffu, a, off));
-    b = fmaxf(b, __shfl_xor_sync(0xffffffffu, b, off));
+    a = max(a, __shfl_xor_sync(0xffffffffu, a, off));
+    b = max(b, __shfl_xor_sync(0xffffffffu, b, off));
   }
   const int lane = threadIdx.x & 31, warp = threadIdx.x >> 5;
-  if (lane == 0) warp_max[warp] = make_float2(a, b);
+  if (lane == 0) warp_max[warp] = make_uint2(a, b);
   __syncthreads();
-  float2 r = warp_max[0];
-  for (int w = 1; w < kThreads / 32; ++w) r = make_float2(fmaxf(r.x, warp_max[w].x), fmaxf(r.y, warp_max[w].y));
+  uint2 r = warp_max[0];
+  for (int w = 1; w < kThreads / 32; ++w) r = make_uint2(max(r.x, warp_max[w].x), max(r.y, warp_max[w].y));
   __syncthreads();  // warp_max is reused by the next quantization block of this thread block
   return r;
 }
@@ -59,14 +61,15 @@ __global__ void __launch_bounds__(kThreads) adam8_kernel(int8_t* __restrict__ mq
       out[i] = state8::div(m, state8::add(state8::sqrt_rn(v), eps));
     }
     // every thread has read ma[blk] / va[blk] before block_max2's first barrier, so thread 0 may overwrite them
-    const float2 amax = block_max2(fabsf(m), v);
+    const uint2 bits = block_max2(__float_as_uint(m) & 0x7fffffffu, __float_as_uint(v));
+    const float new_am = __uint_as_float(bits.x), new_av = __uint_as_float(bits.y);
     if (live) {
-      mq[i] = state8::encode_m(m, amax.x);
-      vq[i] = state8::encode_v(v, amax.y);
+      mq[i] = state8::encode_m(m, new_am);
+      vq[i] = state8::encode_v(v, new_av);
     }
     if (threadIdx.x == 0) {
-      ma[blk] = amax.x;
-      va[blk] = amax.y;
+      ma[blk] = new_am;
+      va[blk] = new_av;
     }
   }
 }
