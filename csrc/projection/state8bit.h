@@ -4,10 +4,11 @@
 //   exp_avg (int8):     value = sign(k)·(|k|/127)²·absmax      k = sign(m)·rint(127·√(|m|/absmax))
 //   exp_avg_sq (uint8): value = (k/255)⁴·absmax                k = rint(255·√√(v/absmax))
 // Companding maps (power laws) rather than bitsandbytes' 256-entry dynamic table: the code is a closed form
-// (no table search), reproduced exactly by IEEE ops in the pure-torch reference, and the range is as wide
-// (smallest nonzero: 6e-5 of absmax for m, 2e-10 for v, so √v is never rounded to 0 next to a nonzero m by
-// more than 1.5e-5 of √absmax). Every step is one correctly rounded IEEE op (no fused multiply-add): the
-// device versions use the _rn intrinsics, which nvcc never contracts.
+// (no table search), reproduced exactly by IEEE ops in the pure-torch reference, and the range is as wide:
+// m rounds to 0 below 1.6e-5 of its block's absmax, v below 1.5e-11 (√v below 3.8e-6 of √absmax), so Adam's
+// denominator √v is almost never zeroed under a nonzero m (a linear map of v would zero √v below 0.044·√absmax).
+// Every step is one correctly rounded IEEE op (no fused multiply-add): the device versions use the _rn
+// intrinsics, which nvcc never contracts.
 #pragma once
 #include <cmath>
 #include <cstdint>
