@@ -54,5 +54,10 @@ STABLE_TORCH_LIBRARY(lowrank, m) {
   m.def("dct_basis_(Tensor(a!) Q) -> ()");
   // L1 norm of every coefficient column of G·Qᵀ (right, length n) or row of Q·G (left, length m), G·Qᵀ never stored.
   m.def("basis_scores(Tensor G, Tensor Q, bool left) -> Tensor");
+  // adam_lowrank_ on 8-bit moments: exp_avg int8, exp_avg_sq uint8 (codes), one float32 absmax per block of 256
+  // elements each; dequantize, update in float32, requantize in place; returns N from the float32 moments.
+  m.def(
+      "adam_lowrank_8bit_(Tensor(a!) exp_avg, Tensor(b!) exp_avg_absmax, Tensor(c!) exp_avg_sq, "
+      "Tensor(d!) exp_avg_sq_absmax, Tensor R, float beta1, float beta2, float eps) -> Tensor");
   // ---- end projection
 }

@@ -24,6 +24,11 @@ Checks (``max err``): a step from the same W, G, P is compared with the float64 
 which round once); ``official err`` is galore-torch's (or the reference's) own error measured the same way. A
 refresh row checks that the selected rows carry the top-r score mass of the float64 scores.
 
+op ``adam_8bit``: the moment update alone on an (m, r) projected state: ours = ``lowrank.adam_lowrank_8bit_``
+(8-bit blockwise moments, one pass); official = ``lowrank.reference.adam_lowrank_8bit_reference`` (the same maths
+in eager torch ops: bitsandbytes, whose 8-bit Adam galore-torch uses, is not a dependency); ``fp32_ms`` =
+``lowrank.adam_lowrank_`` on fp32 moments. max err: N against the reference's (codes must match exactly).
+
 CUDA grid: shapes 4096x4096, 11008x4096, 4096x11008; ranks 128, 256, 512 (Fira: 128); fp32 and bf16; refresh at
 4096x11008. CPU runs use the 7B shapes divided by 4, rank 128, Fira on the square shape only, refresh at
 1024x2752 (an SVD of 4096x11008 takes minutes on a few cores). Quick: one 512x384 r64 fp32 GaLore row.
@@ -74,6 +79,8 @@ def cases(device: str, quick: bool) -> list[Case]:
     out = [Case("galore_step", m, n, r, dt) for dt in dtypes for (m, n) in shapes for r in ranks]
     out += [Case("fira_step", m, n, 128, dt) for dt in dtypes for (m, n) in shapes[: None if device != "cpu" else 1]]
     out += [Case("refresh", *refresh, 128, dt) for dt in dtypes]
+    out += [Case("adam_8bit", m, r, r, torch.float32) for m, r in
+            (((11008, 512), (4096, 512)) if device.startswith("cuda") else ((2752, 128), (1024, 128)))]
     return out
 
 
@@ -277,10 +284,37 @@ def _measure_refresh(case: Case, device: str, row: dict) -> None:
     row["vs_official"] = row["official_ms"] / row["ours_ms"]
 
 
+def _measure_adam_8bit(case: Case, device: str, row: dict) -> None:
+    from lowrank.reference import STATE8_BLOCK, adam_lowrank_8bit_reference
+    gen = torch.Generator().manual_seed(0)
+    shape, blocks = (case.m, case.n), -(-case.m * case.n // STATE8_BLOCK)
+    R = (torch.randn(shape, generator=gen) * 1e-2).to(device)
+
+    def zero_state(dev):
+        return [torch.zeros(shape, dtype=torch.int8, device=dev), torch.zeros(blocks, device=dev),
+                torch.zeros(shape, dtype=torch.uint8, device=dev), torch.zeros(blocks, device=dev)]
+
+    ours, ref = zero_state(device), zero_state("cpu")
+    for _ in range(3):  # nonzero moments before the checked step
+        N = lowrank.adam_lowrank_8bit_(*ours, R, 0.9, 0.999, 1e-8)
+        N_ref = adam_lowrank_8bit_reference(*ref, R.cpu(), 0.9, 0.999, 1e-8)
+    row["max_err"] = ((N.cpu() - N_ref).abs().max() / N_ref.abs().max()).item()
+    row["ok"] = row["max_err"] <= 1e-6 and all(torch.equal(a.cpu(), b) for a, b in zip(ours, ref))
+    official = zero_state(device)
+    m32, v32 = torch.zeros(shape, device=device), torch.zeros(shape, device=device)
+    ms = time_ms_each({"ours": lambda: lowrank.adam_lowrank_8bit_(*ours, R, 0.9, 0.999, 1e-8),
+                       "official": lambda: adam_lowrank_8bit_reference(*official, R, 0.9, 0.999, 1e-8),
+                       "fp32": lambda: lowrank.adam_lowrank_(m32, v32, R, 0.9, 0.999, 1e-8)}, device)
+    row["ours_ms"], row["official_ms"], row["fp32_ms"] = ms["ours"], ms["official"], ms["fp32"]
+    row["vs_official"] = row["official_ms"] / row["ours_ms"]
+    row["state_bytes_per_element"] = 2 + 8 / STATE8_BLOCK  # vs 8 for fp32 moments
+
+
 def measure(case: Case, device: str) -> dict:
     row = {
         "op": case.op, "shape": f"{case.m}x{case.n}", "rank": case.rank, "dtype": DTYPE_NAMES[case.dtype],
-        "mode": ("svd vs dct" if case.op == "refresh" else ("left" if case.m < case.n else "right")),
+        "mode": ("svd vs dct" if case.op == "refresh" else "state" if case.op == "adam_8bit" else
+                 ("left" if case.m < case.n else "right")),
         "ours_ms": None, "official_ms": None, "compiled_ms": None, "vs_official": None, "vs_compiled": None,
         "roofline_pct": None, "floor3_pct": None, "ours_mb": None, "official_mb": None, "compiled_mb": None,
         "max_err": None, "official_err": None, "tol": TOLERANCE.get(case.dtype), "ok": False, "error": None,
@@ -289,6 +323,9 @@ def measure(case: Case, device: str) -> dict:
         if case.op == "refresh":
             row["tol"] = 1e-5
             _measure_refresh(case, device, row)
+        elif case.op == "adam_8bit":
+            row["tol"] = 1e-6
+            _measure_adam_8bit(case, device, row)
         else:
             _measure_step(case, device, row)
     except Exception as e:  # noqa: BLE001 -- one broken row must not hide the others

@@ -13,9 +13,11 @@ import torch
 
 from ._common import check_companion, companion_dtype
 
-__all__ = ["galore_project", "adam_lowrank_", "galore_update_", "dct_basis", "basis_scores", "dct_select"]
+__all__ = ["galore_project", "adam_lowrank_", "galore_update_", "dct_basis", "basis_scores", "dct_select",
+           "adam_lowrank_8bit_", "STATE8_BLOCK"]
 # names in torch.ops.lowrank of this family
-OP_NAMES: list[str] = ["galore_project", "adam_lowrank_", "galore_update_", "dct_basis_", "basis_scores"]
+OP_NAMES: list[str] = ["galore_project", "adam_lowrank_", "galore_update_", "dct_basis_", "basis_scores",
+                       "adam_lowrank_8bit_"]
 
 _FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
@@ -189,3 +191,44 @@ def _basis_scores_fake(G, Q, left):
     k = G.shape[0] if left else G.shape[1]
     torch._check(Q.dim() == 2 and Q.shape[0] == k and Q.shape[1] == k, lambda: f"{op}: Q must be ({k}, {k})")
     return G.new_empty((k,), dtype=companion_dtype(G.dtype))
+
+
+# ------------------------------------------------------------------------------------- 8-bit Adam state
+STATE8_BLOCK = 256  # elements per quantization block of adam_lowrank_8bit_ (csrc/projection/state8bit.h)
+
+
+def adam_lowrank_8bit_(exp_avg: torch.Tensor, exp_avg_absmax: torch.Tensor, exp_avg_sq: torch.Tensor,
+                       exp_avg_sq_absmax: torch.Tensor, R: torch.Tensor, beta1: float, beta2: float,
+                       eps: float) -> torch.Tensor:
+    """:func:`adam_lowrank_` on blockwise 8-bit moments, in place, in one pass over the state.
+
+    The moments are stored flattened in blocks of ``STATE8_BLOCK`` (256) elements, each block with one float32
+    absmax: ``exp_avg`` int8 codes k, value ``sign(k)·(|k|/127)²·absmax`` (a signed square-law map);
+    ``exp_avg_sq`` uint8 codes k, value ``(k/255)⁴·absmax`` (a fourth-root map). Per block the kernel decodes
+    both, takes Adam's float32 step with R (the ops of adam_lowrank_), returns ``N = m/(√v + eps)`` from those
+    float32 moments, and re-encodes them against the block's new absmax (codes rounded to nearest, ties to
+    even). All-zero codes and absmax are the zero state. R float32, any strides; codes of R's shape and
+    contiguous; the absmax vectors float32 of length ``ceil(R.numel()/256)``. See
+    ``lowrank.reference.adam_lowrank_8bit_reference``.
+    """
+    return torch.ops.lowrank.adam_lowrank_8bit_(exp_avg, exp_avg_absmax, exp_avg_sq, exp_avg_sq_absmax, R,
+                                                float(beta1), float(beta2), float(eps))
+
+
+@torch.library.register_fake("lowrank::adam_lowrank_8bit_")
+def _adam_lowrank_8bit_fake(exp_avg, exp_avg_absmax, exp_avg_sq, exp_avg_sq_absmax, R, beta1, beta2, eps):
+    op = "lowrank.adam_lowrank_8bit_"
+    torch._check(R.dtype == torch.float32, lambda: f"{op}: R must be float32, got {R.dtype}")
+    torch._check(exp_avg.dtype == torch.int8, lambda: f"{op}: exp_avg must be int8 (signed codes), got {exp_avg.dtype}")
+    torch._check(exp_avg_sq.dtype == torch.uint8,
+                 lambda: f"{op}: exp_avg_sq must be uint8 (unsigned codes), got {exp_avg_sq.dtype}")
+    torch._check(exp_avg.shape == R.shape and exp_avg_sq.shape == R.shape,
+                 lambda: f"{op}: exp_avg, exp_avg_sq and R must have the same shape")
+    torch._check(exp_avg.is_contiguous(), lambda: f"{op}: exp_avg must be contiguous (it is updated in place)")
+    torch._check(exp_avg_sq.is_contiguous(), lambda: f"{op}: exp_avg_sq must be contiguous (it is updated in place)")
+    blocks = (R.numel() + STATE8_BLOCK - 1) // STATE8_BLOCK
+    for name, a in (("exp_avg_absmax", exp_avg_absmax), ("exp_avg_sq_absmax", exp_avg_sq_absmax)):
+        torch._check(a.dtype == torch.float32, lambda: f"{op}: {name} must be float32, got {a.dtype}")
+        torch._check(a.dim() == 1 and a.shape[0] == blocks,
+                     lambda: f"{op}: {name} must be 1-D of length {blocks} (one absmax per block of 256 elements of R)")
+    return torch.empty(R.shape, dtype=R.dtype, device=R.device)

@@ -30,12 +30,14 @@ from torch import nn
 
 from ..ops import projection as _ops
 from ..ops._common import companion_dtype
+from . import _moments, _state8bit
 
 __all__ = ["GaLoreAdamW", "PerLayerStep", "register_per_layer_step", "shared_dct_basis"]
 
 PROJ_TYPES = ("std", "reverse_std", "right", "left")  # galore-torch's 'full' (two-sided) is refused
 BASES = ("svd", "dct", "randomized")
-GALORE_GROUP_DEFAULTS = {"update_proj_gap": 200, "scale": 1.0, "proj_type": "std", "fira": False, "basis": "svd"}
+GALORE_GROUP_DEFAULTS = {"update_proj_gap": 200, "scale": 1.0, "proj_type": "std", "fira": False, "basis": "svd",
+                         "moments": "keep", "state_bits": 32}
 FIRA_GAMMA = 1.01
 
 # One orthonormal DCT-II matrix per (size, device, dtype), built once and shared by every layer and optimizer.
@@ -74,6 +76,12 @@ class GaLoreAdamW(torch.optim.Optimizer):
     Weights may be bf16/fp16 (moments, P and the update are fp32, W is rounded once per step) or fp32/fp64
     (float64 weights keep float64 state). ``state_dict`` keeps the state dtypes on load (torch's default would
     cast fp32 moments of a bf16 parameter to bf16). Sparse gradients are refused.
+
+    Two more keys of a projected group: ``moments``, what a subspace refresh does to the Adam moments: 'keep'
+    (default, galore-torch's behaviour: the old coordinates are read in the new basis) or 'reproject' (LDAdam's
+    change of basis, see ``lowrank.optim._moments``); and ``state_bits``: 32 (default) or 8, the projected moments
+    stored blockwise 8-bit (``lowrank.adam_lowrank_8bit_``; float32 moments only, so not for float64
+    parameters). Plain AdamW parameters keep 32-bit moments.
     """
 
     def __init__(self, params: Iterable, lr: float = 1e-3, betas: tuple[float, float] = (0.9, 0.999),
@@ -103,6 +111,12 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 raise ValueError(f"GaLoreAdamW: basis must be one of {BASES}, got {param_group['basis']!r}")
             if not isinstance(param_group["fira"], bool):
                 raise ValueError(f"GaLoreAdamW: fira must be a bool, got {param_group['fira']!r}")
+            if param_group["moments"] not in _moments.MOMENT_MODES:
+                raise ValueError(f"GaLoreAdamW: moments must be one of {_moments.MOMENT_MODES}, got "
+                                 f"{param_group['moments']!r}")
+            if param_group["state_bits"] not in _state8bit.STATE_BITS:
+                raise ValueError(f"GaLoreAdamW: state_bits must be one of {_state8bit.STATE_BITS}, got "
+                                 f"{param_group['state_bits']!r}")
         super().add_param_group(param_group)
 
     @torch.no_grad()
@@ -185,15 +199,19 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if "step" not in state:
             state["step"] = 0
         if state["step"] % group["update_proj_gap"] == 0 or ("P" not in state and "basis_idx" not in state):
+            old_basis = _moments.basis_of(state)
             self._refresh(G, state, group, left, rank)
+            if group["moments"] == "reproject":
+                _moments.reproject_(state, old_basis, left, group["betas"])
         P = self._basis(G, state, group, left)
         fira = group["fira"]
         R, sqnorms = _ops.galore_project(G, P, left, want_sqnorms=fira)
-        if "exp_avg" not in state:
+        if "exp_avg" not in state and group["state_bits"] == 32:  # 8-bit state: created by _state8bit.adam_step
             state["exp_avg"], state["exp_avg_sq"] = torch.zeros_like(R), torch.zeros_like(R)
         state["step"] += 1
         beta1, beta2 = group["betas"]
-        N = _ops.adam_lowrank_(state["exp_avg"], state["exp_avg_sq"], R, beta1, beta2, group["eps"])
+        N = (_state8bit.adam_step(state, R, beta1, beta2, group["eps"]) if group["state_bits"] == 8 else
+             _ops.adam_lowrank_(state["exp_avg"], state["exp_avg_sq"], R, beta1, beta2, group["eps"]))
         step_size, alpha = self._step_size(group, state["step"]), group["scale"]
         decay = 1.0 - group["lr"] * group["weight_decay"] if group["weight_decay"] > 0.0 else 1.0
         # the fused update writes W in place and needs it contiguous: a strided parameter (a transposed view)
