@@ -112,11 +112,13 @@ def ifairy_quantize_activations_reference(x: torch.Tensor):
     """iFairy's ``ActivationQuantSTE`` without the division back: per token (last dim) absmax to int8.
 
     Computed in float32: ``a = 127 / max(max|x|, 1e-5)``, ``q = clamp(round_half_even(x·a), −128, 127)``.
-    Returns ``(q int8 (..., in), a float32 (..., 1))``; ``x ≈ q / a``."""
+    Returns ``(q int8 (..., in), a float32 (..., 1))``; ``x ≈ q / a``. A token holding a NaN or ±Inf gets
+    ``a = NaN`` and ``q = 0`` (lowrank's non-finite rule: that token's outputs are all NaN)."""
     xf = x.to(torch.float32)
     absmax = xf.abs().amax(dim=-1, keepdim=True) if xf.shape[-1] else xf.new_zeros((*xf.shape[:-1], 1))
-    a = 127.0 / absmax.clamp_min(SCALE_MIN)
-    q = torch.round(xf * a).clamp_(-128, 127)  # torch.round: half to even
+    finite = torch.isfinite(xf).all(dim=-1, keepdim=True)
+    a = torch.where(finite, 127.0 / absmax.clamp_min(SCALE_MIN), float("nan"))
+    q = torch.where(finite, torch.round(xf * a).clamp_(-128, 127), 0.0)  # torch.round: half to even
     return q.to(torch.int8), a
 
 
@@ -128,7 +130,9 @@ def ifairy_linear_reference(x_real: torch.Tensor, x_imag: torch.Tensor, packed: 
     act_quant=True (iFairy's W2A8): q_r, a_r and q_i, a_i from ``ifairy_quantize_activations_reference``, then
     the four integer sums per output ``A = Σ σ_re·q_r``, ``B = Σ σ_im·q_i``, ``C = Σ σ_re·q_i``,
     ``D = Σ σ_im·q_r`` and ``y_re = s_re·A/a_r + s_im·B/a_i``, ``y_im = s_im·D/a_r − s_re·C/a_i``. The sums are
-    taken in float64 on integer values whose magnitude stays below 128·in < 2⁵³, so they are exact."""
+    taken in float64 on integer values whose magnitude stays below 128·in < 2⁵³, so they are exact.
+
+    Non-finite rule, both modes: every output of a token whose x_real or x_imag holds a NaN or ±Inf is NaN."""
     if x_real.shape != x_imag.shape:
         raise ValueError("ifairy_linear_reference: x_real and x_imag must have the same shape")
     in_features = x_real.shape[-1]
@@ -137,7 +141,9 @@ def ifairy_linear_reference(x_real: torch.Tensor, x_imag: torch.Tensor, packed: 
     if not act_quant:
         xr, xi = x_real.to(torch.float64), x_imag.to(torch.float64)
         wr, wi = s_re * sigma_re, s_im * sigma_im
-        return xr @ wr.T + xi @ wi.T, xr @ wi.T - xi @ wr.T
+        finite = (torch.isfinite(xr) & torch.isfinite(xi)).all(dim=-1, keepdim=True)
+        xr, xi = torch.where(finite, xr, 0.0), torch.where(finite, xi, 0.0)
+        return tuple(torch.where(finite, y, float("nan")) for y in (xr @ wr.T + xi @ wi.T, xr @ wi.T - xi @ wr.T))
     q_r, a_r = ifairy_quantize_activations_reference(x_real)
     q_i, a_i = ifairy_quantize_activations_reference(x_imag)
     q_r, q_i = q_r.to(torch.float64), q_i.to(torch.float64)
