@@ -49,6 +49,13 @@ LOWRANK_HD float act_scale(float absmax) {
 #endif
 }
 
+// The non-finite rule of W2A8: a part holding a NaN or ±Inf gets the scale a = NaN, and every output of its
+// token divides by it. nan_max keeps a NaN through a max reduction (fmaxf would drop it).
+LOWRANK_HD float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
+LOWRANK_HD float act_scale_or_nan(float absmax) {
+  return absmax <= 3.40282347e38f ? act_scale(absmax) : __builtin_nanf("");  // false for NaN and Inf
+}
+
 // q = clamp(round_half_even(x·a), -128, 127) in float32. |x·a| <= 127 up to rounding, so q >= -127 in practice.
 // (fmin/fmax also turn a NaN from a non-finite input into a defined value instead of an undefined cast.)
 LOWRANK_HD int32_t act_quant(float x, float a) {

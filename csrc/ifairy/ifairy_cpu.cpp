@@ -48,6 +48,7 @@ std::tuple<Tensor, Tensor> quantize_cpu(Tensor w_real, Tensor w_imag) {
   Tensor scales = torch::stable::new_empty(wr, {2}, ScalarType::Float);
   std::vector<double> sum_re(static_cast<size_t>(out)), sum_im(static_cast<size_t>(out));
   std::vector<int64_t> cnt_re(static_cast<size_t>(out));
+  std::vector<uint8_t> nonfinite(static_cast<size_t>(out), 0);
   uint8_t* pk = static_cast<uint8_t*>(packed.data_ptr());
   dispatch_float(wr.scalar_type(), kQuant, [&](auto tag) {
     using T = decltype(tag);
@@ -62,6 +63,8 @@ std::tuple<Tensor, Tensor> quantize_cpu(Tensor w_real, Tensor w_imag) {
         std::memset(prow, 0, static_cast<size_t>(nb));
         for (int64_t j = 0; j < in; ++j) {
           const F x = static_cast<F>(a[r * in + j]), y = static_cast<F>(b[r * in + j]);
+          if (!(std::fabs(x) <= std::numeric_limits<F>::max() && std::fabs(y) <= std::numeric_limits<F>::max()))
+            nonfinite[r] = 1;  // false for NaN too
           const uint32_t c = phase_code(x, y);
           prow[j >> 2] = static_cast<uint8_t>(prow[j >> 2] | (c << (2 * (j & 3))));
           if (c & 2u) {
@@ -75,6 +78,9 @@ std::tuple<Tensor, Tensor> quantize_cpu(Tensor w_real, Tensor w_imag) {
       }
     });
   });
+  // a NaN or Inf weight would give a NaN, Inf or silently clamped scale for the whole layer: refuse
+  for (int64_t r = 0; r < out; ++r)
+    STD_TORCH_CHECK(!nonfinite[r], kQuant, ": w_real and w_imag must be finite, got a NaN or Inf in row ", r);
   double sre = 0, sim = 0;
   int64_t cre = 0;
   for (int64_t r = 0; r < out; ++r) sre += sum_re[r], sim += sum_im[r], cre += cnt_re[r];

@@ -36,6 +36,9 @@ def ifairy_quantize(w_real: torch.Tensor, w_imag: torch.Tensor) -> tuple[torch.T
     Args:
         w_real, w_imag: ``(out, in)``, float32 / float16 / bfloat16 (float64 on CPU), same dtype and device.
 
+    A NaN or ±Inf anywhere in the weight raises (it would make a scale NaN or Inf, or be clamped silently);
+    on CUDA that check costs one synchronization (quantizing is a load-time step).
+
     Returns ``(packed, scales)``: uint8 ``(out, ceil(in/4))`` and float32 ``[s_re, s_im]``.
     """
     return torch.ops.lowrank.ifairy_quantize(w_real, w_imag)

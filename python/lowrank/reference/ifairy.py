@@ -88,6 +88,8 @@ def ifairy_quantize_reference(w_real: torch.Tensor, w_imag: torch.Tensor):
     computed in float64 and clamped to >= 1e-5 (an empty set counts as mean 0, so gives 1e-5)."""
     if w_real.dim() != 2 or w_real.shape != w_imag.shape:
         raise ValueError("ifairy_quantize_reference: w_real and w_imag must be 2-D (out, in) of the same shape")
+    if not (torch.isfinite(w_real).all() and torch.isfinite(w_imag).all()):
+        raise ValueError("ifairy_quantize_reference: w_real and w_imag must be finite, got a NaN or Inf")
     codes = _phase_codes(w_real, w_imag)
     on_re = codes <= 1
     wr, wi = w_real.to(torch.float64).abs(), w_imag.to(torch.float64).abs()
