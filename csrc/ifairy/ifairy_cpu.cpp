@@ -273,6 +273,14 @@ void linear_w2a8(int64_t Tn, int64_t in, const T* xr, const T* xi, const std::ve
         T* yr = l.yr + t * l.out;
         T* yi = l.yi + t * l.out;
         const int32_t* s = &sums[t * l.out * 4];
+#if defined(LOWRANK_HAVE_AVX512_TU)
+        if constexpr (std::is_same_v<T, float>) {
+          if (lanes512) {
+            avx512::outputs_f32(s, r0, r1, sr, si, ar, ai, yr, yi);
+            continue;
+          }
+        }
+#endif
         for (int64_t r = r0; r < r1; ++r) {
           yr[r] = static_cast<T>(static_cast<acc_t<T>>(sr * s[4 * r] / ar + si * s[4 * r + 1] / ai));
           yi[r] = static_cast<T>(static_cast<acc_t<T>>(-sr * s[4 * r + 2] / ai + si * s[4 * r + 3] / ar));

@@ -54,6 +54,10 @@ void int8_rows(const Int8Problem& p, int64_t r0, int64_t r1);
 bool absmax(const float* x, int64_t in, float* m);
 // q of one token part at scale a, in the kernel's lane order, zero padded to in_pad; returns Σ q
 int32_t quantize_token(const float* x, int64_t in, int64_t in_pad, float a, int8_t* dst);
+// y_re = s_re·A/a_r + s_im·B/a_i, y_im = -s_re·C/a_i + s_im·D/a_r for rows [r0, r1) of one token, in double,
+// the same operations as the scalar epilogue; sums as the kernels write them (A, B, C, D per row)
+void outputs_f32(const int32_t* sums, int64_t r0, int64_t r1, double s_re, double s_im, double a_r, double a_i,
+                 float* yr, float* yi);
 }
 
 namespace avx2 {

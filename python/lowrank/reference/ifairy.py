@@ -39,7 +39,7 @@ def ifairy_pack_codes(codes: torch.Tensor) -> torch.Tensor:
     if c.numel() and (int(c.min()) < 0 or int(c.max()) > 3):
         raise ValueError("ifairy_pack_codes: codes must lie in {0, 1, 2, 3}")
     rows, n = c.shape
-    c = torch.nn.functional.pad(c, (0, (-n) % 4)).reshape(rows, -1, 4)
+    c = torch.nn.functional.pad(c, (0, (-n) % 4)).reshape(rows, (n + 3) // 4, 4)
     shifts = torch.tensor(_SHIFTS, dtype=torch.int64, device=c.device)
     return (c << shifts).sum(-1).to(torch.uint8)
 
