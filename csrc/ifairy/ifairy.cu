@@ -22,7 +22,12 @@
 //   a pass, fp32 adds and subtracts of the activations by code, lanes reduced with a fixed shuffle tree
 //   (deterministic).
 // ifairy_quantize: one block per row computes codes, packs them and writes per-row sums (double) and
-//   counts; one block then sums the rows in a fixed order: deterministic scales.
+//   counts; one block then sums the rows in a fixed order: deterministic scales. A NaN or Inf weight raises
+//   (a device flag read back with one synchronization).
+// Non-finite rule (as on the CPU): a token whose input holds a NaN or ±Inf gets NaN in all its outputs. W2A8:
+//   the absmax reduction keeps NaN (nan_max) and a non-finite part gets the scale a = NaN, which every output
+//   of the token divides by; act_quant=false: a poison term (x - x, 0 or NaN) joins one sum of each output.
+// ifairy_linear_multi: the linears one after the other on one contiguous copy of x.
 //
 // Packed rows of any width are read safely: rows may start at any byte (in % 16 != 0), so unaligned words are
 // funnel-shifted from two aligned 4-byte loads, and bytes near the end of the tensor are loaded one by one;

@@ -1,16 +1,19 @@
-// iFairy ops on the CPU: ifairy_quantize (PhaseQuant + packing), ifairy_dequantize and ifairy_linear.
+// iFairy ops on the CPU: ifairy_quantize (PhaseQuant + packing), ifairy_dequantize, ifairy_linear and
+// ifairy_linear_multi (several linears on one x in one call: one dispatch, one activation quantization).
 //
 // ifairy_linear with act_quant (W2A8): every token's real and imaginary parts are quantized once to int8
-// (absmax, float32, round half to even) into a zero-padded scratch; the integer kernel of
-// ifairy_cpu_kernels.h (AVX2 when CPUID says so, else the portable loop below; env
-// LOWRANK_IFAIRY_CPU_KERNEL=portable forces the latter, read once per process) produces the exact int32
-// sums A, B, C, D per (token, row) by adding and subtracting activations only; the scales are applied in
-// double at the end. act_quant=false: the activations stay floating point (fp32, fp64 for float64) and are
-// added or subtracted per weight code (AVX2: 8 fp32 lanes, sign by XOR, axis by AND; deterministic for a
-// given machine), or, from kFloatGemmTokens tokens on, multiplied on the GEMM engine against fp32 weight
-// chunks decoded from the codes (linear_float_gemm). Both are parallel over rows.
+// (absmax, float32, round half to even) into a zero-padded scratch laid out for the chosen kernel; the integer
+// kernel of ifairy_cpu_kernels.h (AVX-512 VBMI + VNNI, else AVX2, by CPUID, else the portable loop below; env
+// LOWRANK_IFAIRY_CPU_KERNEL=avx2 or =portable caps the choice, read once per process) produces the exact
+// int32 sums A, B, C, D per (token, row); the scales are applied in double at the end. act_quant=false: the
+// activations stay floating point (fp32, fp64 for float64) and are added or subtracted per weight code (AVX2:
+// 8 fp32 lanes, sign by XOR, axis by AND; deterministic for a given machine), or, from kFloatGemmTokens tokens
+// on, multiplied on the GEMM engine against fp32 weight chunks decoded from the codes (linear_float_gemm).
+// All are parallel over rows.
+// Non-finite rule, every path: a token whose x_real or x_imag holds a NaN or ±Inf gets NaN in all its outputs
+// (W2A8: that part's scale a is NaN and every output divides by it; float paths: nan_nonfinite_tokens).
 // Quantize: parallel over rows; per-row sums of |w| (double) and counts are combined in row order, so the
-// scales do not depend on the thread count.
+// scales do not depend on the thread count. A NaN or Inf weight is refused.
 #include <torch/csrc/inductor/aoti_torch/c/shim.h>
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
