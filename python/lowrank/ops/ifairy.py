@@ -93,6 +93,10 @@ def ifairy_linear_multi(x_real: torch.Tensor, x_imag: torch.Tensor, packed: list
     all the linears. ``packed[i]`` is uint8 ``(out_i, ceil(in/4))`` and ``scales[i]`` float32 ``[s_re, s_im]``;
     the ``out_i`` may differ. Returns one ``(y_real, y_imag)`` pair ``(..., out_i)`` per linear.
     ``torch.ops.lowrank.ifairy_linear_multi`` itself returns the flat list ``[y_real_0, y_imag_0, ...]``.
+
+    For decoding, also run under ``torch.inference_mode()``: these ops' gradient refusal is a Python autograd
+    kernel that every call under grad mode (``no_grad`` included) passes through, about half of the fixed cost
+    of a small call on the dev box (9 us -> 5 us for one 16x256 linear).
     """
     ys = torch.ops.lowrank.ifairy_linear_multi(x_real, x_imag, packed, scales, bool(act_quant), in_features)
     return [(ys[2 * i], ys[2 * i + 1]) for i in range(len(ys) // 2)]
