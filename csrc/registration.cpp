@@ -36,9 +36,15 @@ STABLE_TORCH_LIBRARY(lowrank, m) {
   m.def("ifairy_quantize(Tensor w_real, Tensor w_imag) -> (Tensor packed, Tensor scales)");
   m.def("ifairy_dequantize(Tensor packed, Tensor scales, int in_features) -> (Tensor w_real, Tensor w_imag)");
   // y = W·conj(x) per token; act_quant: per-token int8 absmax of each part (iFairy's W2A8), exact integer sums.
+  // in_features, when given, must equal x's last dimension (the packed width alone leaves it ambiguous).
   m.def(
-      "ifairy_linear(Tensor x_real, Tensor x_imag, Tensor packed, Tensor scales, bool act_quant=True) -> "
-      "(Tensor y_real, Tensor y_imag)");
+      "ifairy_linear(Tensor x_real, Tensor x_imag, Tensor packed, Tensor scales, bool act_quant=True, "
+      "int? in_features=None) -> (Tensor y_real, Tensor y_imag)");
+  // Several linears on one x (q/k/v, gate/up) in one call, the activations quantized once:
+  // returns [y_real_0, y_imag_0, y_real_1, y_imag_1, ...].
+  m.def(
+      "ifairy_linear_multi(Tensor x_real, Tensor x_imag, Tensor[] packed, Tensor[] scales, bool act_quant=True, "
+      "int? in_features=None) -> Tensor[]");
   // ---- end iFairy
 
   // ---- Low-rank gradient projection (GaLore / Fira / SVD-free DCT). G (m, n); right side (left=false): P (r, n),

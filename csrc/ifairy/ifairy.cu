@@ -22,7 +22,12 @@
 //   a pass, fp32 adds and subtracts of the activations by code, lanes reduced with a fixed shuffle tree
 //   (deterministic).
 // ifairy_quantize: one block per row computes codes, packs them and writes per-row sums (double) and
-//   counts; one block then sums the rows in a fixed order: deterministic scales.
+//   counts; one block then sums the rows in a fixed order: deterministic scales. A NaN or Inf weight raises
+//   (a device flag read back with one synchronization).
+// Non-finite rule (as on the CPU): a token whose input holds a NaN or ±Inf gets NaN in all its outputs. W2A8:
+//   the absmax reduction keeps NaN (nan_max) and a non-finite part gets the scale a = NaN, which every output
+//   of the token divides by; act_quant=false: a poison term (x - x, 0 or NaN) joins one sum of each output.
+// ifairy_linear_multi: the linears one after the other on one contiguous copy of x.
 //
 // Packed rows of any width are read safely: rows may start at any byte (in % 16 != 0), so unaligned words are
 // funnel-shifted from two aligned 4-byte loads, and bytes near the end of the tensor are loaded one by one;
@@ -44,7 +49,10 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <optional>
+#include <string>
 #include <tuple>
+#include <vector>
 
 #include "common/cuda_dispatch.cuh"
 #include "ifairy/ifairy_common.h"
@@ -58,6 +66,7 @@ using cuda_glue::current_stream;
 using cuda_glue::num_sms;
 
 constexpr const char* kQuant = "lowrank.ifairy_quantize";
+constexpr const char* kMulti = "lowrank.ifairy_linear_multi";
 constexpr const char* kDequant = "lowrank.ifairy_dequantize";
 constexpr const char* kLinear = "lowrank.ifairy_linear";
 constexpr int64_t kInPad = 64;  // activations padded to whole 16-byte packed chunks
@@ -129,18 +138,18 @@ __global__ void __launch_bounds__(256) act_quant_kernel(const T* __restrict__ xr
   const int part = blockIdx.y;
   const T* x = (part == 0 ? xr : xi) + t * in;
   float m = 0.f;
-  for (int64_t j = threadIdx.x; j < in; j += blockDim.x) m = fmaxf(m, fabsf(to_f32(x[j])));
+  for (int64_t j = threadIdx.x; j < in; j += blockDim.x) m = nan_max(m, fabsf(to_f32(x[j])));
   __shared__ float red[32];
-  for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+  for (int o = 16; o > 0; o >>= 1) m = nan_max(m, __shfl_xor_sync(0xffffffffu, m, o));
   if ((threadIdx.x & 31) == 0) red[threadIdx.x >> 5] = m;
   __syncthreads();
   if (threadIdx.x < 32) {
     m = threadIdx.x < (blockDim.x >> 5) ? red[threadIdx.x] : 0.f;
-    for (int o = 16; o > 0; o >>= 1) m = fmaxf(m, __shfl_xor_sync(0xffffffffu, m, o));
+    for (int o = 16; o > 0; o >>= 1) m = nan_max(m, __shfl_xor_sync(0xffffffffu, m, o));
     if (threadIdx.x == 0) red[0] = m;
   }
   __syncthreads();
-  const float a = act_scale(red[0]);
+  const float a = act_scale_or_nan(red[0]);  // NaN for a non-finite part: the token's outputs are NaN
   int8_t* dst = q + (2 * t + part) * in_pad;
   for (int64_t p = threadIdx.x; p < in_pad; p += blockDim.x) {
     // destination p = 16g + 4k + j holds source element 16g + 4j + k
@@ -195,18 +204,18 @@ __global__ void __launch_bounds__(kGemvWarps * 32) gemv_w2a8_kernel(PackedView p
       if (v < 2 * T_) {
         const T* x = ((v & 1) ? xi : xr) + static_cast<int64_t>(v >> 1) * in;
 #pragma unroll 4
-        for (int64_t j = threadIdx.x; j < in; j += blockDim.x) mx[v] = fmaxf(mx[v], fabsf(to_f32(x[j])));
+        for (int64_t j = threadIdx.x; j < in; j += blockDim.x) mx[v] = nan_max(mx[v], fabsf(to_f32(x[j])));
       }
 #pragma unroll
-      for (int o = 16; o > 0; o >>= 1) mx[v] = fmaxf(mx[v], __shfl_xor_sync(0xffffffffu, mx[v], o));
+      for (int o = 16; o > 0; o >>= 1) mx[v] = nan_max(mx[v], __shfl_xor_sync(0xffffffffu, mx[v], o));
       if (lane == 0) red[v][warp] = mx[v];
     }
     __syncthreads();
     if (threadIdx.x < 2 * NT) {
       float m = 0.f;
 #pragma unroll
-      for (int k = 0; k < kGemvWarps; ++k) m = fmaxf(m, red[threadIdx.x][k]);
-      a_smem[threadIdx.x] = act_scale(m);
+      for (int k = 0; k < kGemvWarps; ++k) m = nan_max(m, red[threadIdx.x][k]);
+      a_smem[threadIdx.x] = act_scale_or_nan(m);
     }
     __syncthreads();
     for (int v = 0; v < 2 * T_; ++v) {
@@ -427,6 +436,9 @@ __global__ void __launch_bounds__(kGemvWarps * 32) linear_float_kernel(PackedVie
           if (t < nt) {
             const float vr = to_f32(xr[(t0 + t) * in + j]), vi = to_f32(xi[(t0 + t) * in + j]);
             const float sr = positive ? vr : -vr, si = positive ? vi : -vi;
+            // 0 for finite inputs, NaN otherwise, into one sum of each output: the non-finite rule
+            const float poison = (vr - vr) + (vi - vi);
+            acc[t][0] += poison, acc[t][3] += poison;
             if (imag) {
               acc[t][1] += si, acc[t][3] += sr;
             } else {
@@ -472,7 +484,8 @@ template <typename T>
 __global__ void __launch_bounds__(256) quantize_rows_kernel(const T* __restrict__ wr, const T* __restrict__ wi,
                                                             int64_t out, int64_t in, int64_t nb,
                                                             uint8_t* __restrict__ packed, double* __restrict__ sums,
-                                                            long long* __restrict__ counts) {
+                                                            long long* __restrict__ counts,
+                                                            int* __restrict__ nonfinite) {
   __shared__ double red_re[256], red_im[256];
   __shared__ long long red_n[256];
   for (int64_t r = blockIdx.x; r < out; r += gridDim.x) {
@@ -485,6 +498,7 @@ __global__ void __launch_bounds__(256) quantize_rows_kernel(const T* __restrict_
         const int64_t j = 4 * b + e;
         if (j < in) {
           const float x = to_f32(wr[r * in + j]), y = to_f32(wi[r * in + j]);
+          if (!(fabsf(x) <= 3.40282347e38f && fabsf(y) <= 3.40282347e38f)) *nonfinite = 1;  // benign race
           const uint32_t c = phase_code(x, y);
           byte |= c << (2 * e);
           if (c & 2u) {
@@ -552,6 +566,8 @@ std::tuple<Tensor, Tensor> quantize_cuda(Tensor w_real, Tensor w_imag) {
   const int64_t rows = std::max<int64_t>(out, 1);
   Tensor sums = torch::stable::new_empty(wr, {2 * rows}, ScalarType::Double);
   Tensor counts = torch::stable::new_empty(wr, {rows}, ScalarType::Long);
+  Tensor nonfinite = torch::stable::new_empty(wr, {1}, ScalarType::Int);
+  torch::stable::zero_(nonfinite);
   if (out > 0) {
     const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(out, 65535));
     dispatch_cuda_float(kQuant, wr.scalar_type(), [&](auto tag) {
@@ -559,9 +575,16 @@ std::tuple<Tensor, Tensor> quantize_cuda(Tensor w_real, Tensor w_imag) {
       quantize_rows_kernel<T><<<blocks, 256, 0, stream>>>(
           static_cast<const T*>(wr.const_data_ptr()), static_cast<const T*>(wi.const_data_ptr()), out, in, nb,
           static_cast<uint8_t*>(packed.mutable_data_ptr()), static_cast<double*>(sums.mutable_data_ptr()),
-          static_cast<long long*>(counts.mutable_data_ptr()));
+          static_cast<long long*>(counts.mutable_data_ptr()), static_cast<int*>(nonfinite.mutable_data_ptr()));
     });
     check_cuda(cudaGetLastError(), kQuant, "quantize_rows launch");
+    // a NaN or Inf weight would give a NaN, Inf or silently clamped scale: refuse, as the CPU kernel does
+    // (one sync; quantizing is a load-time step)
+    int host_flag = 0;
+    check_cuda(cudaMemcpyAsync(&host_flag, nonfinite.const_data_ptr(), sizeof(int), cudaMemcpyDeviceToHost, stream),
+               kQuant, "non-finite flag copy");
+    check_cuda(cudaStreamSynchronize(stream), kQuant, "non-finite flag sync");
+    STD_TORCH_CHECK(host_flag == 0, kQuant, ": w_real and w_imag must be finite, got a NaN or Inf");
   }
   quantize_scales_kernel<<<1, 256, 0, stream>>>(static_cast<const double*>(sums.const_data_ptr()),
                                                 static_cast<const long long*>(counts.const_data_ptr()), out, in,
@@ -643,12 +666,9 @@ void launch_gemv(const GemvArgs& g, const T* xr, const T* xi, T* yr, T* yi, int 
     launch_gemv_nt<16, false, T>(g, xr, xi, yr, yi, blocks, stream);
 }
 
-std::tuple<Tensor, Tensor> linear_cuda(Tensor x_real, Tensor x_imag, Tensor packed, Tensor scales, bool act_quant) {
-  const LinearDims d = linear_dims(kLinear, x_real, x_imag, packed, scales);
-  STD_TORCH_CHECK(x_real.is_cuda(), kLinear, ": expected CUDA tensors");
-  torch::stable::accelerator::DeviceGuard guard(x_real.get_device_index());
-  const Tensor xr = torch::stable::contiguous(x_real), xi = torch::stable::contiguous(x_imag);
-  const Tensor pk = torch::stable::contiguous(packed), sc = torch::stable::contiguous(scales);
+// One linear on x (already checked and contiguous) into fresh outputs.
+std::tuple<Tensor, Tensor> run_linear(const LinearDims& d, const Tensor& xr, const Tensor& xi, const Tensor& pk,
+                                      const Tensor& sc, bool act_quant) {
   Tensor yr = torch::stable::new_empty(xr, out_shape_like(xr, d.out));
   Tensor yi = torch::stable::new_empty(xr, out_shape_like(xr, d.out));
   if (d.T == 0 || d.out == 0) return {yr, yi};
@@ -710,6 +730,40 @@ std::tuple<Tensor, Tensor> linear_cuda(Tensor x_real, Tensor x_imag, Tensor pack
   return {yr, yi};
 }
 
+std::tuple<Tensor, Tensor> linear_cuda(Tensor x_real, Tensor x_imag, Tensor packed, Tensor scales, bool act_quant,
+                                       std::optional<int64_t> in_features) {
+  const LinearDims d = linear_dims(kLinear, x_real, x_imag, packed, scales, act_quant, in_features);
+  STD_TORCH_CHECK(x_real.is_cuda(), kLinear, ": expected CUDA tensors");
+  torch::stable::accelerator::DeviceGuard guard(x_real.get_device_index());
+  return run_linear(d, torch::stable::contiguous(x_real), torch::stable::contiguous(x_imag),
+                    torch::stable::contiguous(packed), torch::stable::contiguous(scales), act_quant);
+}
+
+// Several linears on one x: one call and one contiguous copy of x; each linear quantizes x itself (the decode
+// kernels fuse the quantization into their launch).
+std::vector<Tensor> linear_multi_cuda(Tensor x_real, Tensor x_imag, std::vector<Tensor> packed,
+                                      std::vector<Tensor> scales, bool act_quant, std::optional<int64_t> in_features) {
+  const LinearDims xd = x_dims(kMulti, x_real, x_imag, act_quant, in_features);
+  STD_TORCH_CHECK(packed.size() == scales.size(), kMulti, ": packed and scales must be lists of the same length, got ",
+                  packed.size(), " and ", scales.size());
+  STD_TORCH_CHECK(x_real.is_cuda(), kMulti, ": expected CUDA tensors");
+  std::vector<LinearDims> wd;
+  for (size_t i = 0; i < packed.size(); ++i) {
+    const std::string n = "[" + std::to_string(i) + "]";
+    wd.push_back(weight_dims(kMulti, xd, x_real, packed[i], scales[i], "packed" + n, "scales" + n));
+  }
+  torch::stable::accelerator::DeviceGuard guard(x_real.get_device_index());
+  const Tensor xr = torch::stable::contiguous(x_real), xi = torch::stable::contiguous(x_imag);
+  std::vector<Tensor> ys;
+  for (size_t i = 0; i < packed.size(); ++i) {
+    auto [yr, yi] = run_linear(wd[i], xr, xi, torch::stable::contiguous(packed[i]),
+                               torch::stable::contiguous(scales[i]), act_quant);
+    ys.push_back(yr);
+    ys.push_back(yi);
+  }
+  return ys;
+}
+
 }  // namespace
 }  // namespace ifairy
 }  // namespace lowrank
@@ -718,4 +772,5 @@ STABLE_TORCH_LIBRARY_IMPL(lowrank, CUDA, m) {
   m.impl("ifairy_quantize", TORCH_BOX(&lowrank::ifairy::quantize_cuda));
   m.impl("ifairy_dequantize", TORCH_BOX(&lowrank::ifairy::dequantize_cuda));
   m.impl("ifairy_linear", TORCH_BOX(&lowrank::ifairy::linear_cuda));
+  m.impl("ifairy_linear_multi", TORCH_BOX(&lowrank::ifairy::linear_multi_cuda));
 }

@@ -6,6 +6,8 @@
 #pragma once
 #include <cmath>
 #include <cstdint>
+#include <optional>
+#include <string>
 
 #include "common/checks.h"
 
@@ -47,6 +49,13 @@ LOWRANK_HD float act_scale(float absmax) {
 #endif
 }
 
+// The non-finite rule of W2A8: a part holding a NaN or ±Inf gets the scale a = NaN, and every output of its
+// token divides by it. nan_max keeps a NaN through a max reduction (fmaxf would drop it).
+LOWRANK_HD float nan_max(float a, float b) { return (a > b || a != a) ? a : b; }
+LOWRANK_HD float act_scale_or_nan(float absmax) {
+  return absmax <= 3.40282347e38f ? act_scale(absmax) : __builtin_nanf("");  // false for NaN and Inf
+}
+
 // q = clamp(round_half_even(x·a), -128, 127) in float32. |x·a| <= 127 up to rounding, so q >= -127 in practice.
 // (fmin/fmax also turn a NaN from a non-finite input into a defined value instead of an undefined cast.)
 LOWRANK_HD int32_t act_quant(float x, float a) {
@@ -60,6 +69,9 @@ LOWRANK_HD int32_t act_quant(float x, float a) {
 
 inline int64_t packed_width(int64_t in) { return (in + 3) / 4; }
 
+// W2A8 sums are int32: |A| <= 127·in (|q| <= 127 for every finite input), so in is capped where that fits.
+constexpr int64_t kMaxInt8In = 2147483647 / 127;  // 16,909,320
+
 struct LinearDims {
   int64_t T;    // tokens (product of x's leading dims)
   int64_t in;   // x's last dimension
@@ -67,18 +79,22 @@ struct LinearDims {
   int64_t nbytes;  // packed row width, ceil(in/4)
 };
 
-inline void check_packed_scales(const char* op, const Tensor& packed, const Tensor& scales) {
-  check_dim(op, packed, "packed", 2, "(out, ceil(in/4)) uint8");
-  STD_TORCH_CHECK(packed.scalar_type() == ScalarType::Byte, op, ": packed must be uint8, got ",
+inline void check_packed_scales(const char* op, const Tensor& packed, const Tensor& scales,
+                                const std::string& pname = "packed", const std::string& sname = "scales") {
+  STD_TORCH_CHECK(packed.dim() == 2, op, ": ", pname, " must be 2-D (out, ceil(in/4)) uint8, got a ", packed.dim(),
+                  "-D tensor");
+  STD_TORCH_CHECK(packed.scalar_type() == ScalarType::Byte, op, ": ", pname, " must be uint8, got ",
                   torch::headeronly::toString(packed.scalar_type()));
-  STD_TORCH_CHECK(scales.scalar_type() == ScalarType::Float, op, ": scales must be float32 [s_re, s_im], got ",
+  STD_TORCH_CHECK(scales.scalar_type() == ScalarType::Float, op, ": ", sname, " must be float32 [s_re, s_im], got ",
                   torch::headeronly::toString(scales.scalar_type()));
-  STD_TORCH_CHECK(scales.numel() == 2, op, ": scales must hold 2 elements [s_re, s_im], got ", scales.numel());
-  check_same_device(op, packed, "packed", scales, "scales");
+  STD_TORCH_CHECK(scales.numel() == 2, op, ": ", sname, " must hold 2 elements [s_re, s_im], got ", scales.numel());
+  check_same_device(op, packed, pname.c_str(), scales, sname.c_str());
 }
 
-inline LinearDims linear_dims(const char* op, const Tensor& xr, const Tensor& xi, const Tensor& packed,
-                              const Tensor& scales) {
+// x's checks; fills T and in. in_features, when given, must equal x's last dimension: the packed width alone
+// cannot tell in from the other values with the same ceil(in/4). W2A8 caps in at kMaxInt8In (int32 sums).
+inline LinearDims x_dims(const char* op, const Tensor& xr, const Tensor& xi, bool act_quant,
+                         std::optional<int64_t> in_features) {
   STD_TORCH_CHECK(xr.dim() >= 1, op, ": x_real must have at least 1 dimension (..., in), got a 0-D tensor");
   bool same_shape = xr.dim() == xi.dim();
   for (int64_t d = 0; same_shape && d < xr.dim(); ++d) same_shape = xr.size(d) == xi.size(d);
@@ -86,17 +102,35 @@ inline LinearDims linear_dims(const char* op, const Tensor& xr, const Tensor& xi
   check_float_dtype(op, xr, "x_real");
   check_same_dtype(op, xr, "x_real", xi, "x_imag");
   check_same_device(op, xr, "x_real", xi, "x_imag");
-  check_packed_scales(op, packed, scales);
-  check_same_device(op, xr, "x_real", packed, "packed");
   LinearDims d;
   d.in = xr.size(xr.dim() - 1);
-  d.out = packed.size(0);
-  d.nbytes = packed.size(1);
-  STD_TORCH_CHECK(d.nbytes == packed_width(d.in), op, ": packed must be (out, ceil(in/4)) = (out, ",
-                  packed_width(d.in), ") for in = x's last dimension (", d.in, "), got width ", d.nbytes);
+  STD_TORCH_CHECK(!in_features.has_value() || *in_features == d.in, op, ": in_features (",
+                  in_features.value_or(0), ") must equal x's last dimension (", d.in, ")");
+  STD_TORCH_CHECK(!act_quant || d.in <= kMaxInt8In, op, ": x's last dimension (", d.in, ") must be at most ",
+                  kMaxInt8In, " with act_quant=True (the exact int8 sums are int32)");
   d.T = 1;  // the leading dims' product (also when in = 0 and numel says nothing)
   for (int64_t k = 0; k + 1 < xr.dim(); ++k) d.T *= xr.size(k);
+  d.out = d.nbytes = 0;
   return d;
+}
+
+// One weight's checks against x; returns the dims with its out and nbytes.
+inline LinearDims weight_dims(const char* op, const LinearDims& x, const Tensor& xr, const Tensor& packed,
+                              const Tensor& scales, const std::string& pname = "packed",
+                              const std::string& sname = "scales") {
+  check_packed_scales(op, packed, scales, pname, sname);
+  check_same_device(op, xr, "x_real", packed, pname.c_str());
+  LinearDims d = x;
+  d.out = packed.size(0);
+  d.nbytes = packed.size(1);
+  STD_TORCH_CHECK(d.nbytes == packed_width(d.in), op, ": ", pname, " must be (out, ceil(in/4)) = (out, ",
+                  packed_width(d.in), ") for in = x's last dimension (", d.in, "), got width ", d.nbytes);
+  return d;
+}
+
+inline LinearDims linear_dims(const char* op, const Tensor& xr, const Tensor& xi, const Tensor& packed,
+                              const Tensor& scales, bool act_quant, std::optional<int64_t> in_features) {
+  return weight_dims(op, x_dims(op, xr, xi, act_quant, in_features), xr, packed, scales);
 }
 
 inline void check_quantize_inputs(const char* op, const Tensor& wr, const Tensor& wi) {

@@ -1,5 +1,5 @@
-// The integer inner kernel of the CPU ifairy_linear (W2A8), in a portable and an AVX2 build
-// (ifairy_avx2.cpp, compiled with -mavx2 and chosen at run time by CPUID).
+// The integer inner kernel of the CPU ifairy_linear (W2A8), in a portable, an AVX2 (ifairy_avx2.cpp, compiled
+// with -mavx2) and an AVX-512 VBMI + VNNI build (ifairy_avx512.cpp), chosen at run time by CPUID.
 //
 // For rows [r0, r1) of the packed weight and every token t it writes the four exact int32 sums
 //   sums[(t·out + r)·4 + 0..3] = A, B, C, D:
@@ -7,7 +7,9 @@
 //   C = Σ over ±1 weights of sign·q_i,  D = Σ over ±i of sign·q_r,
 // so that y_re = s_re·A/a_r + s_im·B/a_i and y_im = -s_re·C/a_i + s_im·D/a_r.
 // Int8 activations: q + t·2·in_pad holds q_r of token t (in_pad int8, zero beyond in), then q_i. in_pad is a
-// multiple of 32; the packed rows are read only within their nbytes = ceil(in/4) bytes.
+// multiple of 32; the packed rows are read only within their nbytes = ceil(in/4) bytes. The AVX-512 kernel
+// wants in_pad a multiple of 64, each block of 64 activations in its lane order (element avx512_elem(l) in
+// byte l) and qsum[2t + 0/1] = Σ q_r, Σ q_i of token t.
 #pragma once
 #include <cstdint>
 
@@ -15,6 +17,11 @@ namespace lowrank {
 namespace ifairy {
 
 constexpr int64_t kActPad = 32;
+constexpr int64_t kActPadAvx512 = 64;
+
+// The element of a 64-block held by byte lane l of the AVX-512 kernel (see ifairy_avx512.cpp), and back.
+constexpr int avx512_elem(int l) { return 32 * ((l / 8) % 2) + 8 * (l / 16) + l % 8; }
+constexpr int avx512_lane(int e) { return 16 * ((e % 32) / 8) + 8 * (e / 32) + e % 8; }
 
 struct Int8Problem {
   const uint8_t* packed;
@@ -22,6 +29,7 @@ struct Int8Problem {
   const int8_t* q;
   int64_t in_pad, T;
   int32_t* sums;
+  const int32_t* qsum;  // read by the AVX-512 kernel only
 };
 
 using Int8RowsKernel = void (*)(const Int8Problem& p, int64_t r0, int64_t r1);
@@ -39,6 +47,18 @@ struct FloatProblem {
 };
 
 using FloatRowsKernel = void (*)(const FloatProblem& p, int64_t r0, int64_t r1);
+
+namespace avx512 {
+void int8_rows(const Int8Problem& p, int64_t r0, int64_t r1);
+// max |x| of one token part into *m; false when the part holds a NaN or ±Inf
+bool absmax(const float* x, int64_t in, float* m);
+// q of one token part at scale a, in the kernel's lane order, zero padded to in_pad; returns Σ q
+int32_t quantize_token(const float* x, int64_t in, int64_t in_pad, float a, int8_t* dst);
+// y_re = s_re·A/a_r + s_im·B/a_i, y_im = -s_re·C/a_i + s_im·D/a_r for rows [r0, r1) of one token, in double,
+// the same operations as the scalar epilogue; sums as the kernels write them (A, B, C, D per row)
+void outputs_f32(const int32_t* sums, int64_t r0, int64_t r1, double s_re, double s_im, double a_r, double a_i,
+                 float* yr, float* yi);
+}
 
 namespace avx2 {
 void int8_rows(const Int8Problem& p, int64_t r0, int64_t r1);

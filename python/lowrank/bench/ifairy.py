@@ -16,6 +16,8 @@ out; ``vs_best`` (JSON) is the speedup over the faster baseline. The check compa
 ``ifairy_linear_reference`` (float64, same W2A8 quantization): max |ours − ref| / max |ref|. The "1.3B block"
 row runs one 1.3B block's seven linears (q, k, v, o 2048x2048; gate, up 5460x2048; down 2048x5460) at one
 token; its shape names the tokens/s of the 24 layers' linears (attention, norms and the LM head not counted).
+The "1.3B block, fused" row runs the same block as a decode step would with ``ifairy_linear_multi``: q/k/v in
+one call and gate/up in one call (each group on one shared input), o and down alone: 4 calls instead of 7.
 A CPU run leaves out 2048 tokens and 8192x8192 (the float32 baselines take seconds per call there).
 """
 from __future__ import annotations
@@ -37,6 +39,8 @@ TOLERANCE = {torch.float32: 1e-5, torch.bfloat16: 1e-2, torch.float16: 2e-3}
 SHAPES = [(1536, 1536), (4096, 1536), (1536, 4096), (2048, 2048), (5460, 2048), (2048, 5460), (8192, 8192)]
 TOKENS = [1, 4, 16, 128, 2048]
 BLOCK_1P3B = [(2048, 2048)] * 4 + [(5460, 2048)] * 2 + [(2048, 5460)]  # q, k, v, o, gate, up, down
+BLOCK_1P3B_GROUPS = ((0, 1, 2), (3,), (4, 5), (6,))  # linears sharing one input: q/k/v, o, gate/up, down
+BLOCK_FUSED = "1.3B block, fused"
 LAYERS_1P3B = 24
 
 
@@ -62,6 +66,7 @@ def cases(device: str, quick: bool) -> list[Case]:
     out = [Case(t, (s,), dtype) for t, s in picks]
     if not quick:
         out.append(Case(1, tuple(BLOCK_1P3B), dtype, "1.3B block"))
+        out.append(Case(1, tuple(BLOCK_1P3B), dtype, BLOCK_FUSED))
     return out
 
 
@@ -105,10 +110,11 @@ def measure(case: Case, device: str) -> dict:
     try:
         layers = [_Layer(o, i, dtype, device, gen) for o, i in case.shapes]
         xs = []
-        for layer in layers:
-            x_real = torch.randn(t, layer.fin, generator=gen, device=device).to(dtype)
-            x_imag = torch.randn(t, layer.fin, generator=gen, device=device).to(dtype)
-            xs.append((x_real, x_imag, torch.stack([x_real, x_imag]), torch.cat([x_real, x_imag], -1)))
+        groups = BLOCK_1P3B_GROUPS if case.label == BLOCK_FUSED else tuple((k,) for k in range(len(layers)))
+        for group in groups:  # the linears of a group share their input
+            x_real = torch.randn(t, layers[group[0]].fin, generator=gen, device=device).to(dtype)
+            x_imag = torch.randn(t, layers[group[0]].fin, generator=gen, device=device).to(dtype)
+            xs += [(x_real, x_imag, torch.stack([x_real, x_imag]), torch.cat([x_real, x_imag], -1))] * len(group)
 
         errs = []
         for layer, (x_real, x_imag, _, _) in zip(layers, xs):
@@ -121,6 +127,17 @@ def measure(case: Case, device: str) -> dict:
 
         def run_ours():
             return [lowrank.ifairy_linear(x[0], x[1], layer.packed, layer.scales) for layer, x in zip(layers, xs)]
+
+        if case.label == BLOCK_FUSED:
+            def run_ours():  # noqa: F811 -- one call per group of linears sharing an input
+                return [lowrank.ifairy_linear_multi(xs[g[0]][0], xs[g[0]][1], [layers[k].packed for k in g],
+                                                    [layers[k].scales for k in g]) for g in groups]
+
+            fused = [y for ys in run_ours() for y in ys]
+            errs.append(max(_rel_err(y, ifairy_linear_reference(x[0], x[1], layer.packed, layer.scales))
+                            for y, layer, x in zip(fused, layers, xs)))
+            row["max_err"] = max(errs, key=lambda e: math.inf if math.isnan(e) else e)
+            row["ok"] = row["max_err"] <= row["tol"]
 
         def run_block():
             return [F.linear(x[3], layer.block) for layer, x in zip(layers, xs)]

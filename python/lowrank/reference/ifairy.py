@@ -39,7 +39,7 @@ def ifairy_pack_codes(codes: torch.Tensor) -> torch.Tensor:
     if c.numel() and (int(c.min()) < 0 or int(c.max()) > 3):
         raise ValueError("ifairy_pack_codes: codes must lie in {0, 1, 2, 3}")
     rows, n = c.shape
-    c = torch.nn.functional.pad(c, (0, (-n) % 4)).reshape(rows, -1, 4)
+    c = torch.nn.functional.pad(c, (0, (-n) % 4)).reshape(rows, (n + 3) // 4, 4)
     shifts = torch.tensor(_SHIFTS, dtype=torch.int64, device=c.device)
     return (c << shifts).sum(-1).to(torch.uint8)
 
@@ -88,6 +88,8 @@ def ifairy_quantize_reference(w_real: torch.Tensor, w_imag: torch.Tensor):
     computed in float64 and clamped to >= 1e-5 (an empty set counts as mean 0, so gives 1e-5)."""
     if w_real.dim() != 2 or w_real.shape != w_imag.shape:
         raise ValueError("ifairy_quantize_reference: w_real and w_imag must be 2-D (out, in) of the same shape")
+    if not (torch.isfinite(w_real).all() and torch.isfinite(w_imag).all()):
+        raise ValueError("ifairy_quantize_reference: w_real and w_imag must be finite, got a NaN or Inf")
     codes = _phase_codes(w_real, w_imag)
     on_re = codes <= 1
     wr, wi = w_real.to(torch.float64).abs(), w_imag.to(torch.float64).abs()
@@ -112,11 +114,13 @@ def ifairy_quantize_activations_reference(x: torch.Tensor):
     """iFairy's ``ActivationQuantSTE`` without the division back: per token (last dim) absmax to int8.
 
     Computed in float32: ``a = 127 / max(max|x|, 1e-5)``, ``q = clamp(round_half_even(x·a), −128, 127)``.
-    Returns ``(q int8 (..., in), a float32 (..., 1))``; ``x ≈ q / a``."""
+    Returns ``(q int8 (..., in), a float32 (..., 1))``; ``x ≈ q / a``. A token holding a NaN or ±Inf gets
+    ``a = NaN`` and ``q = 0`` (lowrank's non-finite rule: that token's outputs are all NaN)."""
     xf = x.to(torch.float32)
     absmax = xf.abs().amax(dim=-1, keepdim=True) if xf.shape[-1] else xf.new_zeros((*xf.shape[:-1], 1))
-    a = 127.0 / absmax.clamp_min(SCALE_MIN)
-    q = torch.round(xf * a).clamp_(-128, 127)  # torch.round: half to even
+    finite = torch.isfinite(xf).all(dim=-1, keepdim=True)
+    a = torch.where(finite, 127.0 / absmax.clamp_min(SCALE_MIN), float("nan"))
+    q = torch.where(finite, torch.round(xf * a).clamp_(-128, 127), 0.0)  # torch.round: half to even
     return q.to(torch.int8), a
 
 
@@ -128,7 +132,9 @@ def ifairy_linear_reference(x_real: torch.Tensor, x_imag: torch.Tensor, packed: 
     act_quant=True (iFairy's W2A8): q_r, a_r and q_i, a_i from ``ifairy_quantize_activations_reference``, then
     the four integer sums per output ``A = Σ σ_re·q_r``, ``B = Σ σ_im·q_i``, ``C = Σ σ_re·q_i``,
     ``D = Σ σ_im·q_r`` and ``y_re = s_re·A/a_r + s_im·B/a_i``, ``y_im = s_im·D/a_r − s_re·C/a_i``. The sums are
-    taken in float64 on integer values whose magnitude stays below 128·in < 2⁵³, so they are exact."""
+    taken in float64 on integer values whose magnitude stays below 128·in < 2⁵³, so they are exact.
+
+    Non-finite rule, both modes: every output of a token whose x_real or x_imag holds a NaN or ±Inf is NaN."""
     if x_real.shape != x_imag.shape:
         raise ValueError("ifairy_linear_reference: x_real and x_imag must have the same shape")
     in_features = x_real.shape[-1]
@@ -137,7 +143,9 @@ def ifairy_linear_reference(x_real: torch.Tensor, x_imag: torch.Tensor, packed: 
     if not act_quant:
         xr, xi = x_real.to(torch.float64), x_imag.to(torch.float64)
         wr, wi = s_re * sigma_re, s_im * sigma_im
-        return xr @ wr.T + xi @ wi.T, xr @ wi.T - xi @ wr.T
+        finite = (torch.isfinite(xr) & torch.isfinite(xi)).all(dim=-1, keepdim=True)
+        xr, xi = torch.where(finite, xr, 0.0), torch.where(finite, xi, 0.0)
+        return tuple(torch.where(finite, y, float("nan")) for y in (xr @ wr.T + xi @ wi.T, xr @ wi.T - xi @ wr.T))
     q_r, a_r = ifairy_quantize_activations_reference(x_real)
     q_i, a_i = ifairy_quantize_activations_reference(x_imag)
     q_r, q_i = q_r.to(torch.float64), q_i.to(torch.float64)

@@ -1,0 +1,279 @@
+// AVX-512 (F, BW, VL, VBMI, VNNI) build of the CPU ifairy_linear W2A8 kernel (see ifairy_cpu_kernels.h); this
+// file alone is compiled with those -m flags and is called only after a CPUID check in ifairy_cpu.cpp.
+//
+// Why it is faster than the AVX2 kernel: the weights are turned into u8 multipliers once per 64 weights and
+// then every (token, sum) costs one vpdpbusd, which multiplies and sums 64 byte pairs into 16 int32 lanes.
+//   Decode, 16 packed bytes = 64 weights: a broadcast load puts the 16 bytes in every 128-bit lane, so each
+//   qword holds 32 codes; vpmultishiftqb moves code bits 2·k of its qword to the bottom of byte lane k (the
+//   lane -> element order this gives is undone by laying the activations out in the same order, once per
+//   call: avx512_elem); vpermb with a 64-entry table that repeats every 4 entries maps the code (the bits
+//   above it are ignored by the period) to wA+1 or wB+1, where wA = ±1 on the real axis and 0 on the
+//   imaginary one, wB the reverse. The +1 makes them unsigned, as vpdpbusd wants.
+//   Sums: A' = Σ (wA+1)·q_r = A + Σ q_r, and likewise B', C', D'; Σ q_r and Σ q_i are per token (qsum), so
+//   A = A' − Σ q_r exactly. int32 lanes cannot lose the result: |A'| <= 254·in, and the op refuses in beyond
+//   kMaxInt8In, where even wrapped partial sums (two's complement) come back to the exact A.
+// Rows are walked in blocks of kRowBlock for each group of up to 4 tokens, so the group's activations stay in
+// L1; one token processes 4 rows at once (16 accumulators), two tokens 2 rows, more tokens 1 row.
+#include <immintrin.h>
+
+#include "ifairy/ifairy_cpu_kernels.h"
+
+namespace lowrank {
+namespace ifairy {
+namespace avx512 {
+namespace {
+
+constexpr int64_t kRowBlock = 8;
+
+// vpmultishiftqb control: byte lane l takes the 8 bits at offset 16·(l/16) + 2·(l%8) of its qword.
+inline __m512i shift_control() {
+  alignas(64) uint8_t c[64];
+  for (int l = 0; l < 64; ++l) c[l] = static_cast<uint8_t>(16 * (l / 16) + 2 * (l % 8));
+  return _mm512_load_si512(c);
+}
+
+// Code tables (64 entries, period 4): code 0 = -1, 1 = +1, 2 = -i, 3 = +i.
+inline __m512i table(uint8_t c0, uint8_t c1, uint8_t c2, uint8_t c3) {
+  return _mm512_set1_epi32(static_cast<int>(c0 | (c1 << 8) | (c2 << 16) | (static_cast<uint32_t>(c3) << 24)));
+}
+
+struct Tables {
+  __m512i ctrl = shift_control();
+  __m512i ta = table(0, 2, 1, 1);  // wA + 1
+  __m512i tb = table(1, 1, 0, 2);  // wB + 1
+};
+
+// No std:: templates in this file: an inline function compiled here with AVX-512 could be the copy the
+// linker keeps for the whole library.
+inline __mmask16 live16(int64_t n) {  // the first min(max(n, 0), 16) lanes
+  return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : static_cast<__mmask16>((1u << n) - 1u);
+}
+
+inline __m512i load16(const uint8_t* p, int64_t left) {
+  const __m128i v = left >= 16 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)) : _mm_maskz_loadu_epi8(live16(left), p);
+  return _mm512_broadcast_i32x4(v);
+}
+
+// [Σ a, Σ b, Σ c, Σ d] of four 16-lane vectors, in 13 instructions instead of four separate reductions' ~36.
+inline __m128i reduce4(__m512i a, __m512i b, __m512i c, __m512i d) {
+  const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+  const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+  const __m512i abcd = _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+  const __m256i half = _mm256_add_epi32(_mm512_castsi512_si256(abcd), _mm512_extracti64x4_epi64(abcd, 1));
+  return _mm_add_epi32(_mm256_castsi256_si128(half), _mm256_extracti128_si256(half, 1));
+}
+
+// [A', B', C', D'] of the row's last nbytes % 16 bytes (step `full`) for one token's activations q (q_r, then
+// q_i at in_pad): one masked step with its own accumulators, so the main loop stays free of masks and branches.
+inline __m128i tail_sums(const Int8Problem& p, const Tables& k, const uint8_t* row, int64_t full, const int8_t* q) {
+  const __m128i bytes = _mm_maskz_loadu_epi8(live16(p.nbytes - 16 * full), row + 16 * full);
+  const __m512i idx = _mm512_multishift_epi64_epi8(k.ctrl, _mm512_broadcast_i32x4(bytes));
+  const __m512i wa = _mm512_permutexvar_epi8(idx, k.ta), wb = _mm512_permutexvar_epi8(idx, k.tb);
+  const __m512i xr = _mm512_loadu_si512(q + 64 * full), xi = _mm512_loadu_si512(q + p.in_pad + 64 * full);
+  const __m512i z = _mm512_setzero_si512();
+  return reduce4(_mm512_dpbusd_epi32(z, wa, xr), _mm512_dpbusd_epi32(z, wb, xi), _mm512_dpbusd_epi32(z, wa, xi),
+                 _mm512_dpbusd_epi32(z, wb, xr));
+}
+
+// One token, R rows starting at r (the decode case): full steps in a plain loop (with the masked tail step in
+// the same loop GCC kept part of the accumulators on the stack: 9.5 -> 11.3 GB/s at 2048² measured), the last
+// nbytes % 16 bytes added by tail_sums.
+template <int R, int NT>
+inline void one_token_rows(const Int8Problem& p, const Tables& k, int64_t r, int64_t t0) {
+  __m512i acc[R][NT][4];
+  for (int i = 0; i < R; ++i)
+    for (int t = 0; t < NT; ++t)
+      for (int s = 0; s < 4; ++s) acc[i][t][s] = _mm512_setzero_si512();
+  const uint8_t* row[R];
+  for (int i = 0; i < R; ++i) row[i] = p.packed + (r + i) * p.nbytes;
+  const int8_t* qr[NT];
+  for (int t = 0; t < NT; ++t) qr[t] = p.q + (t0 + t) * 2 * p.in_pad;
+  // Full 16-byte steps only, a plain loop: with a masked tail step in the same function GCC kept part of the
+  // accumulators on the stack. The last nbytes % 16 bytes are added by tail_sums below.
+  const int64_t full = p.nbytes / 16;
+  for (int64_t s = 0; s < full; ++s) {
+    __m512i xr[NT], xi[NT];
+    if constexpr (R > 1)  // shared by the rows; with one row, loaded where used (fewer live registers)
+      for (int t = 0; t < NT; ++t) {
+        xr[t] = _mm512_loadu_si512(qr[t] + 64 * s);
+        xi[t] = _mm512_loadu_si512(qr[t] + p.in_pad + 64 * s);
+      }
+    for (int i = 0; i < R; ++i) {
+      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row[i] + 16 * s));
+      const __m512i idx = _mm512_multishift_epi64_epi8(k.ctrl, _mm512_broadcast_i32x4(bytes));
+      const __m512i wa = _mm512_permutexvar_epi8(idx, k.ta);
+      const __m512i wb = _mm512_permutexvar_epi8(idx, k.tb);
+      for (int t = 0; t < NT; ++t) {
+        if constexpr (R == 1) {
+          xr[t] = _mm512_loadu_si512(qr[t] + 64 * s);
+          xi[t] = _mm512_loadu_si512(qr[t] + p.in_pad + 64 * s);
+        }
+        acc[i][t][0] = _mm512_dpbusd_epi32(acc[i][t][0], wa, xr[t]);
+        acc[i][t][1] = _mm512_dpbusd_epi32(acc[i][t][1], wb, xi[t]);
+        acc[i][t][2] = _mm512_dpbusd_epi32(acc[i][t][2], wa, xi[t]);
+        acc[i][t][3] = _mm512_dpbusd_epi32(acc[i][t][3], wb, xr[t]);
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int t = 0; t < NT; ++t) {
+      const int32_t sr = p.qsum[2 * (t0 + t)], si = p.qsum[2 * (t0 + t) + 1];
+      // A', B', C', D' minus Σq_r, Σq_i, Σq_i, Σq_r; the lanes may wrap (see the top), the exact result does not.
+      // The joint reduction pays at one token (measured 7 % at 2048²) and, oddly, loses as much at 2-16.
+      __m128i total;
+      if constexpr (NT == 1) {
+        total = reduce4(acc[i][t][0], acc[i][t][1], acc[i][t][2], acc[i][t][3]);
+      } else {
+        total = _mm_setr_epi32(_mm512_reduce_add_epi32(acc[i][t][0]), _mm512_reduce_add_epi32(acc[i][t][1]),
+                               _mm512_reduce_add_epi32(acc[i][t][2]), _mm512_reduce_add_epi32(acc[i][t][3]));
+      }
+      if (full * 16 < p.nbytes) total = _mm_add_epi32(total, tail_sums(p, k, row[i], full, qr[t]));
+      _mm_storeu_si128(reinterpret_cast<__m128i*>(p.sums + ((t0 + t) * p.out + r + i) * 4),
+                       _mm_sub_epi32(total, _mm_setr_epi32(sr, si, si, sr)));
+    }
+}
+
+// Groups of NT >= 2 tokens (one row, NT = 4 or 3; two rows, NT = 2): the masked tail step stays in the loop.
+// Measured faster at 2-128 tokens than the split loop of one_token_rows (GCC allocates the two differently).
+template <int R, int NT>
+inline void rows_tokens(const Int8Problem& p, const Tables& k, int64_t r, int64_t t0) {
+  const int64_t steps = p.in_pad / 64;
+  __m512i acc[R][NT][4];
+  for (int i = 0; i < R; ++i)
+    for (int t = 0; t < NT; ++t)
+      for (int s = 0; s < 4; ++s) acc[i][t][s] = _mm512_setzero_si512();
+  const uint8_t* row[R];
+  for (int i = 0; i < R; ++i) row[i] = p.packed + (r + i) * p.nbytes;
+  const int8_t* qr[NT];
+  for (int t = 0; t < NT; ++t) qr[t] = p.q + (t0 + t) * 2 * p.in_pad;
+  for (int64_t s = 0; s < steps; ++s) {
+    const int64_t left = p.nbytes - 16 * s;
+    __m512i xr[NT], xi[NT];
+    for (int t = 0; t < NT; ++t) {
+      xr[t] = _mm512_loadu_si512(qr[t] + 64 * s);
+      xi[t] = _mm512_loadu_si512(qr[t] + p.in_pad + 64 * s);
+    }
+    for (int i = 0; i < R; ++i) {
+      const __m512i idx = _mm512_multishift_epi64_epi8(k.ctrl, load16(row[i] + 16 * s, left));
+      const __m512i wa = _mm512_permutexvar_epi8(idx, k.ta);
+      const __m512i wb = _mm512_permutexvar_epi8(idx, k.tb);
+      for (int t = 0; t < NT; ++t) {
+        acc[i][t][0] = _mm512_dpbusd_epi32(acc[i][t][0], wa, xr[t]);
+        acc[i][t][1] = _mm512_dpbusd_epi32(acc[i][t][1], wb, xi[t]);
+        acc[i][t][2] = _mm512_dpbusd_epi32(acc[i][t][2], wa, xi[t]);
+        acc[i][t][3] = _mm512_dpbusd_epi32(acc[i][t][3], wb, xr[t]);
+      }
+    }
+  }
+  for (int i = 0; i < R; ++i)
+    for (int t = 0; t < NT; ++t) {
+      const int32_t sr = p.qsum[2 * (t0 + t)], si = p.qsum[2 * (t0 + t) + 1];
+      int32_t* dst = p.sums + ((t0 + t) * p.out + r + i) * 4;
+      // unsigned: the lanes may wrap (see the top), the exact result does not
+      dst[0] = static_cast<int32_t>(static_cast<uint32_t>(_mm512_reduce_add_epi32(acc[i][t][0])) - uint32_t(sr));
+      dst[1] = static_cast<int32_t>(static_cast<uint32_t>(_mm512_reduce_add_epi32(acc[i][t][1])) - uint32_t(si));
+      dst[2] = static_cast<int32_t>(static_cast<uint32_t>(_mm512_reduce_add_epi32(acc[i][t][2])) - uint32_t(si));
+      dst[3] = static_cast<int32_t>(static_cast<uint32_t>(_mm512_reduce_add_epi32(acc[i][t][3])) - uint32_t(sr));
+    }
+}
+
+template <int R, int NT>
+inline void rows_of_block(const Int8Problem& p, const Tables& k, int64_t rb, int64_t re, int64_t t0) {
+  int64_t r = rb;
+  if constexpr (NT == 1) {
+    for (; r + R <= re; r += R) one_token_rows<R, 1>(p, k, r, t0);
+    for (; r < re; ++r) one_token_rows<1, 1>(p, k, r, t0);
+  } else {
+    for (; r + R <= re; r += R) rows_tokens<R, NT>(p, k, r, t0);
+    for (; r < re; ++r) rows_tokens<1, NT>(p, k, r, t0);
+  }
+}
+
+}  // namespace
+
+void int8_rows(const Int8Problem& p, int64_t r0, int64_t r1) {
+  const Tables k;
+  for (int64_t rb = r0; rb < r1; rb += kRowBlock) {
+    const int64_t re = r1 < rb + kRowBlock ? r1 : rb + kRowBlock;
+    int64_t t = 0;
+    for (; t + 4 <= p.T; t += 4) rows_of_block<1, 4>(p, k, rb, re, t);
+    switch (p.T - t) {
+      case 3: rows_of_block<1, 3>(p, k, rb, re, t); break;
+      case 2: rows_of_block<2, 2>(p, k, rb, re, t); break;
+      case 1: rows_of_block<4, 1>(p, k, rb, re, t); break;
+      default: break;
+    }
+  }
+}
+
+bool absmax(const float* x, int64_t in, float* m_out) {
+  // |x| > FLT_MAX is false for finite x and true for ±Inf; the unordered compare is also true for NaN
+  const __m512 big = _mm512_set1_ps(3.40282347e38f);
+  __m512 m = _mm512_setzero_ps();
+  __mmask16 bad = 0;
+  for (int64_t j = 0; j < in; j += 16) {
+    const __m512 v = _mm512_abs_ps(_mm512_maskz_loadu_ps(live16(in - j), x + j));
+    bad |= _mm512_cmp_ps_mask(v, big, _CMP_NLE_UQ);
+    m = _mm512_max_ps(m, v);
+  }
+  *m_out = _mm512_reduce_max_ps(m);
+  return bad == 0;
+}
+
+int32_t quantize_token(const float* x, int64_t in, int64_t in_pad, float a, int8_t* dst) {
+  // q = clamp(round_half_even(fl(x·a)), -128, 127): vcvtps2dq rounds to nearest even; the clamped int32 are
+  // summed (|q| <= 128, in <= kMaxInt8In: no overflow), narrowed, and put in kernel lane order by vpermb
+  const __m512 va = _mm512_set1_ps(a);
+  const __m512i lo = _mm512_set1_epi32(-128), hi = _mm512_set1_epi32(127);
+  alignas(64) uint8_t order[64];
+  for (int l = 0; l < 64; ++l) order[l] = static_cast<uint8_t>(avx512_elem(l));
+  const __m512i perm = _mm512_load_si512(order);
+  __m512i sum = _mm512_setzero_si512();
+  auto quarter = [&](int64_t j0) {  // 16 elements from j0 (zeros past in) -> 16 int8, summed into `sum`
+    const __m512 v = _mm512_mul_ps(_mm512_maskz_loadu_ps(live16(in - j0), x + j0), va);
+    __m512i q = _mm512_cvt_roundps_epi32(v, _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    q = _mm512_min_epi32(_mm512_max_epi32(q, lo), hi);
+    sum = _mm512_add_epi32(sum, q);
+    return _mm512_cvtepi32_epi8(q);
+  };
+  for (int64_t b = 0; b < in_pad; b += 64) {
+    __m512i block = _mm512_castsi128_si512(quarter(b));
+    block = _mm512_inserti32x4(block, quarter(b + 16), 1);
+    block = _mm512_inserti32x4(block, quarter(b + 32), 2);
+    block = _mm512_inserti32x4(block, quarter(b + 48), 3);
+    _mm512_storeu_si512(dst + b, _mm512_permutexvar_epi8(perm, block));
+  }
+  return _mm512_reduce_add_epi32(sum);
+}
+
+void outputs_f32(const int32_t* sums, int64_t r0, int64_t r1, double s_re, double s_im, double a_r, double a_i,
+                 float* yr, float* yi) {
+  // the scalar epilogue's operations in the same order, 8 rows at a time (exact same doubles): the divisions
+  // are worth vectorizing, a 2048-row decode would spend ~10 % of its time in scalar divsd
+  const __m512i ab = _mm512_setr_epi32(0, 4, 8, 12, 16, 20, 24, 28, 1, 5, 9, 13, 17, 21, 25, 29);
+  const __m512i cd = _mm512_add_epi32(ab, _mm512_set1_epi32(2));
+  const __m512d sr = _mm512_set1_pd(s_re), si = _mm512_set1_pd(s_im), nsr = _mm512_set1_pd(-s_re);
+  const __m512d ar = _mm512_set1_pd(a_r), ai = _mm512_set1_pd(a_i);
+  int64_t r = r0;
+  for (; r + 8 <= r1; r += 8) {
+    const __m512i lo = _mm512_loadu_si512(sums + 4 * r), hi = _mm512_loadu_si512(sums + 4 * r + 16);
+    const __m512i vab = _mm512_permutex2var_epi32(lo, ab, hi), vcd = _mm512_permutex2var_epi32(lo, cd, hi);
+    const __m512d A = _mm512_cvtepi32_pd(_mm512_castsi512_si256(vab));
+    const __m512d B = _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(vab, 1));
+    const __m512d C = _mm512_cvtepi32_pd(_mm512_castsi512_si256(vcd));
+    const __m512d D = _mm512_cvtepi32_pd(_mm512_extracti64x4_epi64(vcd, 1));
+    const __m512d re = _mm512_add_pd(_mm512_div_pd(_mm512_mul_pd(sr, A), ar), _mm512_div_pd(_mm512_mul_pd(si, B), ai));
+    const __m512d im = _mm512_add_pd(_mm512_div_pd(_mm512_mul_pd(nsr, C), ai), _mm512_div_pd(_mm512_mul_pd(si, D), ar));
+    _mm256_storeu_ps(yr + r, _mm512_cvtpd_ps(re));
+    _mm256_storeu_ps(yi + r, _mm512_cvtpd_ps(im));
+  }
+  for (; r < r1; ++r) {
+    const int32_t* q = sums + 4 * r;
+    yr[r] = static_cast<float>(s_re * q[0] / a_r + s_im * q[1] / a_i);
+    yi[r] = static_cast<float>(-s_re * q[2] / a_i + s_im * q[3] / a_r);
+  }
+}
+
+}  // namespace avx512
+}  // namespace ifairy
+}  // namespace lowrank
