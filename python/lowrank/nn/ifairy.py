@@ -77,7 +77,21 @@ class IFairyLinear(nn.Module):
         if x_real.shape != x_imag.shape or x_real.dim() == 0 or x_real.shape[-1] != self.in_features:
             raise ValueError(f"IFairyLinear: expected x_real and x_imag of the same shape (..., "
                              f"{self.in_features}), got {tuple(x_real.shape)} and {tuple(x_imag.shape)}")
-        return lowrank.ifairy_linear(x_real, x_imag, self.packed, self.scales, self.act_quant)
+        return lowrank.ifairy_linear(x_real, x_imag, self.packed, self.scales, self.act_quant, self.in_features)
+
+    @staticmethod
+    def forward_many(layers: "list[IFairyLinear]", x_real: torch.Tensor, x_imag: torch.Tensor
+                     ) -> list[tuple[torch.Tensor, torch.Tensor]]:
+        """``[layer(x_real, x_imag) for layer in layers]`` in one ``ifairy_linear_multi`` call (activations
+        quantized once, one dispatch): the layers must share ``in_features`` and ``act_quant``."""
+        first = layers[0]
+        if any(l.in_features != first.in_features or l.act_quant != first.act_quant for l in layers):
+            return [layer(x_real, x_imag) for layer in layers]
+        if x_real.shape != x_imag.shape or x_real.dim() == 0 or x_real.shape[-1] != first.in_features:
+            raise ValueError(f"IFairyLinear: expected x_real and x_imag of the same shape (..., "
+                             f"{first.in_features}), got {tuple(x_real.shape)} and {tuple(x_imag.shape)}")
+        return lowrank.ifairy_linear_multi(x_real, x_imag, [l.packed for l in layers], [l.scales for l in layers],
+                                           first.act_quant, first.in_features)
 
     def _apply(self, fn, recurse=True):
         # .half() / .to(dtype) would cast the float32 scales like any float buffer: follow the device only.

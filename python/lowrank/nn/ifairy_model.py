@@ -157,8 +157,9 @@ class IFairyAttention(nn.Module):
         self.attn_layernorm = ComplexRMSNorm(h, cfg.rms_norm_eps)
 
     def project_qkv(self, x_real: torch.Tensor, x_imag: torch.Tensor) -> tuple[Pair, Pair, Pair]:
-        # the one place q, k and v are computed: a fused multi-linear call replaces these three
-        return self.q_proj(x_real, x_imag), self.k_proj(x_real, x_imag), self.v_proj(x_real, x_imag)
+        # one call for the three (activations quantized once, one dispatch)
+        q, k, v = IFairyLinear.forward_many([self.q_proj, self.k_proj, self.v_proj], x_real, x_imag)
+        return q, k, v
 
     def forward(self, x_real: torch.Tensor, x_imag: torch.Tensor, rope: Pair | None = None,
                 cache: IFairyKVCache | None = None, layer: int = 0) -> Pair:
@@ -213,8 +214,9 @@ class IFairyMLP(nn.Module):
         return (x_real * keep) ** 2, (x_imag * keep) ** 2
 
     def project_gate_up(self, x_real: torch.Tensor, x_imag: torch.Tensor) -> tuple[Pair, Pair]:
-        # the one place gate and up are computed: a fused multi-linear call replaces these two
-        return self.gate_proj(x_real, x_imag), self.up_proj(x_real, x_imag)
+        # one call for the two (activations quantized once, one dispatch)
+        gate, up = IFairyLinear.forward_many([self.gate_proj, self.up_proj], x_real, x_imag)
+        return gate, up
 
     def forward(self, x_real: torch.Tensor, x_imag: torch.Tensor) -> Pair:
         gate, (u_real, u_imag) = self.project_gate_up(x_real, x_imag)
