@@ -52,11 +52,15 @@
 
 #include "common/cuda_dispatch.cuh"
 #include "common/gemm_runner.cuh"
+#include "common/op_boundary.h"
 #include "common/strided_gemm.cuh"
 #include "sltrain/sltrain_common.h"
 
 namespace lowrank {
 namespace {
+
+constexpr char kFwd[] = "lowrank.sltrain_linear";
+constexpr char kBwd[] = "lowrank.sltrain_linear_backward";
 
 using namespace cuda_glue;
 
@@ -145,8 +149,8 @@ void validate_indices(const char* op, const SLTrainDims& d, const Tensor& idx, i
   if (d.nnz == 0) return;
   const int64_t total = d.out * d.in;
   const int64_t words = (total + 31) / 32;
-  Tensor bitmap = torch::stable::new_empty(idx, {std::max<int64_t>(words, 1)}, ScalarType::Int);
-  Tensor bad = torch::stable::new_empty(idx, {2}, ScalarType::Long);
+  Tensor bitmap = lowrank::new_empty(idx, {std::max<int64_t>(words, 1)}, ScalarType::Int);
+  Tensor bad = lowrank::new_empty(idx, {2}, ScalarType::Long);
   check_cuda(cudaMemsetAsync(bitmap.mutable_data_ptr(), 0, static_cast<size_t>(std::max<int64_t>(words, 1)) * 4,
                              stream),
              op, "index check (memset)");
@@ -179,9 +183,9 @@ void validate_indices(const char* op, const SLTrainDims& d, const Tensor& idx, i
     check_cuda(cudaMemcpyAsync(&v, src, 8, cudaMemcpyDeviceToHost, stream), op, "index check (copy)");
     check_cuda(cudaStreamSynchronize(stream), op, "index check (sync)");
   }
-  STD_TORCH_CHECK(!range, op, ": indices[", k, "] = ", v, " is out of range [0, out·in) = [0, ", total,
+  LOWRANK_CHECK(!range, op, ": indices[", k, "] = ", v, " is out of range [0, out·in) = [0, ", total,
                   ") for out = ", d.out, ", in = ", d.in);
-  STD_TORCH_CHECK(false, op, ": indices contain a duplicate index (", v, " at indices[", k,
+  LOWRANK_CHECK(false, op, ": indices contain a duplicate index (", v, " at indices[", k,
                   "] appears more than once); pass unique flat positions row·in + col");
 }
 
@@ -211,8 +215,8 @@ void column_sum(const GemmRunner& R, const SLTrainDims& d, const Tensor& dy, con
   splits = std::min<int64_t>(splits, 65535);
   const int64_t rps = (d.T + splits - 1) / splits;
   splits = (d.T + rps - 1) / rps;  // no empty trailing split
-  STD_TORCH_CHECK(xblocks <= std::numeric_limits<int32_t>::max(), R.op, ": out too large for the bias reduction");
-  Tensor ws = torch::stable::new_empty(dy, {splits * d.out}, ScalarType::Float);
+  LOWRANK_CHECK(xblocks <= std::numeric_limits<int32_t>::max(), R.op, ": out too large for the bias reduction");
+  Tensor ws = lowrank::new_empty(dy, {splits * d.out}, ScalarType::Float);
   float* wsp = static_cast<float*>(ws.mutable_data_ptr());
   const dim3 grid(static_cast<unsigned>(xblocks), static_cast<unsigned>(splits));
   const dim3 block(kColX, kColY);
@@ -231,22 +235,22 @@ void column_sum(const GemmRunner& R, const SLTrainDims& d, const Tensor& dy, con
 // ------------------------------------------------------------------------------------------ ops
 Tensor sltrain_linear_cuda(Tensor x, Tensor A, Tensor B, Tensor values, Tensor indices, double scale,
                            std::optional<Tensor> bias, bool check) {
-  const char* op = "lowrank.sltrain_linear";
+  const char* op = kFwd;
   const SLTrainDims d = sltrain_dims(op, x, A, B, values, indices, bias);
-  STD_TORCH_CHECK(x.is_cuda(), op, ": expected CUDA tensors");
+  LOWRANK_CHECK(x.is_cuda(), op, ": expected CUDA tensors");
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
-  const Tensor xc = torch::stable::contiguous(x);
-  const Tensor Ac = torch::stable::contiguous(A);
-  const Tensor Bc = torch::stable::contiguous(B);
-  const Tensor vc = torch::stable::contiguous(values);
-  const Tensor ic = torch::stable::contiguous(indices);
+  const Tensor xc = lowrank::contiguous(x, "x");
+  const Tensor Ac = lowrank::contiguous(A, "A");
+  const Tensor Bc = lowrank::contiguous(B, "B");
+  const Tensor vc = lowrank::contiguous(values, "values");
+  const Tensor ic = lowrank::contiguous(indices, "indices");
   const GemmRunner R = make_runner(op, xc);
   if (check) validate_indices(op, d, ic, R.sms, R.stream);
-  Tensor y = torch::stable::new_empty(xc, out_shape_like(x, d.out));
+  Tensor y = lowrank::new_empty(xc, out_shape_like(x, d.out));
   if (d.T == 0) return y;
   std::optional<Tensor> bc;
-  if (bias.has_value()) bc = torch::stable::contiguous(*bias);
-  const Tensor W = torch::stable::new_empty(xc, {d.out, d.in});
+  if (bias.has_value()) bc = lowrank::contiguous(*bias, "bias");
+  const Tensor W = lowrank::new_empty(xc, {d.out, d.in});
   compute_weight(R, d, Ac, Bc, vc, ic, scale, W);
   // F2: y[t, j] = Σ_c x[t, c] · W[j, c] (+ bias[j])
   R.run1(operand(xc, d.in, 1), operand(W, d.in, 1), output(y, d.out, 1), d.T, d.out, d.in, 1.f,
@@ -257,24 +261,24 @@ Tensor sltrain_linear_cuda(Tensor x, Tensor A, Tensor B, Tensor values, Tensor i
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sltrain_linear_backward_cuda(
     Tensor grad_out, Tensor x, Tensor A, Tensor B, Tensor values, Tensor indices, double scale, bool has_bias,
     bool need_grad_x, bool need_grad_lowrank, bool need_grad_values) {
-  const char* op = "lowrank.sltrain_linear_backward";
+  const char* op = kBwd;
   const SLTrainDims d = sltrain_dims(op, x, A, B, values, indices, std::nullopt);
-  STD_TORCH_CHECK(x.is_cuda(), op, ": expected CUDA tensors");
+  LOWRANK_CHECK(x.is_cuda(), op, ": expected CUDA tensors");
   check_grad_out(op, grad_out, x, d.out);
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
-  const Tensor xc = torch::stable::contiguous(x);
-  const Tensor Ac = torch::stable::contiguous(A);
-  const Tensor Bc = torch::stable::contiguous(B);
-  const Tensor vc = torch::stable::contiguous(values);
-  const Tensor ic = torch::stable::contiguous(indices);
-  const Tensor dy = torch::stable::contiguous(grad_out);
+  const Tensor xc = lowrank::contiguous(x, "x");
+  const Tensor Ac = lowrank::contiguous(A, "A");
+  const Tensor Bc = lowrank::contiguous(B, "B");
+  const Tensor vc = lowrank::contiguous(values, "values");
+  const Tensor ic = lowrank::contiguous(indices, "indices");
+  const Tensor dy = lowrank::contiguous(grad_out, "grad_out");
 
   const std::vector<int64_t> none{0};
-  Tensor dx = need_grad_x ? torch::stable::new_empty(xc, x.sizes()) : torch::stable::new_empty(xc, none);
-  Tensor dA = need_grad_lowrank ? torch::stable::new_empty(xc, {d.r, d.in}) : torch::stable::new_empty(xc, none);
-  Tensor dB = need_grad_lowrank ? torch::stable::new_empty(xc, {d.out, d.r}) : torch::stable::new_empty(xc, none);
-  Tensor dv = need_grad_values ? torch::stable::new_empty(xc, {d.nnz}) : torch::stable::new_empty(xc, none);
-  Tensor db = has_bias ? torch::stable::new_empty(xc, {d.out}) : torch::stable::new_empty(xc, none);
+  Tensor dx = need_grad_x ? lowrank::new_empty(xc, x.sizes()) : lowrank::new_empty(xc, none);
+  Tensor dA = need_grad_lowrank ? lowrank::new_empty(xc, {d.r, d.in}) : lowrank::new_empty(xc, none);
+  Tensor dB = need_grad_lowrank ? lowrank::new_empty(xc, {d.out, d.r}) : lowrank::new_empty(xc, none);
+  Tensor dv = need_grad_values ? lowrank::new_empty(xc, {d.nnz}) : lowrank::new_empty(xc, none);
+  Tensor db = has_bias ? lowrank::new_empty(xc, {d.out}) : lowrank::new_empty(xc, none);
   const bool need_g = need_grad_lowrank || need_grad_values;
   if (d.T == 0) {
     if (need_grad_lowrank) {
@@ -289,7 +293,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sltrain_linear_backward_cuda(
 
   if (need_grad_x || need_g) {
     // One (out, in) scratch: W for dx, then G.
-    Tensor scratch = torch::stable::new_empty(xc, {d.out, d.in});
+    Tensor scratch = lowrank::new_empty(xc, {d.out, d.in});
     if (need_grad_x) {
       compute_weight(R, d, Ac, Bc, vc, ic, scale, scratch);
       // B1: dx[t, c] = Σ_j dy[t, j] · W[j, c]
@@ -331,6 +335,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sltrain_linear_backward_cuda(
 }  // namespace lowrank
 
 STABLE_TORCH_LIBRARY_IMPL(lowrank, CUDA, m) {
-  m.impl("sltrain_linear", TORCH_BOX(&lowrank::sltrain_linear_cuda));
-  m.impl("sltrain_linear_backward", TORCH_BOX(&lowrank::sltrain_linear_backward_cuda));
+  m.impl("sltrain_linear", LOWRANK_BOX(lowrank::kFwd, lowrank::sltrain_linear_cuda));
+  m.impl("sltrain_linear_backward", LOWRANK_BOX(lowrank::kBwd, lowrank::sltrain_linear_backward_cuda));
 }

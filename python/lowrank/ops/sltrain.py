@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ._autograd import refuse_double_backward
+from ._common import check_same_device
 
 _FWD = "lowrank::sltrain_linear"
 _BWD = "lowrank::sltrain_linear_backward"
@@ -44,6 +45,7 @@ def _check_meta(op, x, A, B, values, indices, bias):
     )
     torch._check(x.dtype == A.dtype == B.dtype == values.dtype, lambda: f"{op}: x, A, B and values must share a dtype")
     torch._check(indices.dtype in (torch.int32, torch.int64), lambda: f"{op}: indices must be int32 or int64")
+    check_same_device(op, ("x", x), ("A", A), ("B", B), ("values", values), ("indices", indices), ("bias", bias))
     torch._check(A.shape[1] == x.shape[-1], lambda: f"{op}: A must be (r, in) with in = x's last dimension")
     torch._check(B.shape[1] == A.shape[0], lambda: f"{op}: B must be (out, r) with r = A.shape[0]")
     torch._check(values.shape[0] == indices.shape[0], lambda: f"{op}: values and indices must have the same length")
@@ -66,6 +68,7 @@ def _sltrain_linear_backward_fake(grad_out, x, A, B, values, indices, scale, has
     out = _check_meta(op, x, A, B, values, indices, None)
     torch._check(tuple(grad_out.shape) == (*x.shape[:-1], out), lambda: f"{op}: grad_out must have the output's shape")
     torch._check(grad_out.dtype == x.dtype, lambda: f"{op}: grad_out and x must have the same dtype")
+    check_same_device(op, ("x", x), ("grad_out", grad_out))
     empty = lambda t: t.new_empty((0,))  # noqa: E731
     return (
         x.new_empty(x.shape) if need_grad_x else empty(x),

@@ -1,0 +1,174 @@
+"""Regression tests of issue 14 across the Monarch, SLTrain and projection families: arguments on different
+devices (meta included) are refused by the fake and the real kernels, an in-place output aliasing an input is
+refused, error messages read `lowrank.<op>: <argument> <problem> (<what was given>)` without C++ function names
+or source paths, allocation failures name the op and the size."""
+from __future__ import annotations
+
+import re
+
+import pytest
+import torch
+
+import lowrank
+from conftest import HAS_CUDA, devices
+
+OPS = torch.ops.lowrank
+I64 = torch.int64
+
+
+def _sltrain_args(device="cpu"):
+    x = torch.randn(3, 6, device=device)
+    A, B = torch.randn(2, 6, device=device), torch.randn(5, 2, device=device)
+    values = torch.randn(4, device=device)
+    indices = torch.tensor([0, 7, 13, 29], dtype=I64, device=device)
+    return [x, A, B, values, indices]
+
+
+# Every op with each tensor argument moved, in turn, to "meta" while the others stay on the CPU. Before issue 14
+# the fakes of sltrain and the projection ops did not compare devices and the dispatcher (meta wins) returned
+# uninitialized memory, or skipped an in-place update.
+def _cases():
+    G, P = torch.randn(8, 5), torch.linalg.qr(torch.randn(5, 3))[0].T.contiguous()  # right: P (3, 5)
+    W, M = torch.randn(8, 5), torch.randn(8, 3)
+    mom = [torch.rand(8, 3), torch.rand(8, 3), torch.randn(8, 3)]
+    sl = _sltrain_args()
+    g_out = torch.randn(3, 5)
+    mon = [torch.randn(3, 8), torch.randn(2, 4, 4), torch.randn(2, 6, 4)]
+    return {
+        "sltrain_linear": (lambda *a: OPS.sltrain_linear(*a, 0.5, None, True), sl, ["x", "A", "B", "values", "indices"]),
+        "sltrain_linear_backward": (lambda *a: OPS.sltrain_linear_backward(*a, 0.5, False, True, True, True),
+                                    [g_out] + sl, ["grad_out", "x", "A", "B", "values", "indices"]),
+        "galore_project": (lambda *a: OPS.galore_project(*a, False, True), [G, P], ["G", "P"]),
+        "adam_lowrank_": (lambda *a: OPS.adam_lowrank_(*a, 0.9, 0.99, 1e-8), mom, ["exp_avg", "exp_avg_sq", "R"]),
+        "galore_update_": (lambda *a: OPS.galore_update_(*a, False, 1.0, None, None), [W, M, P], ["W", "M", "P"]),
+        "basis_scores": (lambda *a: OPS.basis_scores(*a, False), [G, lowrank.dct_basis(5)], ["G", "Q"]),
+        "monarch_matmul": (lambda *a: OPS.monarch_matmul(*a), mon, ["x", "w1", "w2"]),
+    }
+
+
+CASES = _cases()
+MIXED = [(op, i) for op, (_, args, _) in CASES.items() for i in range(len(args))]
+
+
+@pytest.mark.parametrize("op,which", MIXED, ids=[f"{op}-{i}" for op, i in MIXED])
+def test_meta_argument_among_cpu_ones_is_refused(op, which):
+    call, args, names = CASES[op]
+    args = [a.clone() for a in args]
+    args[which] = args[which].to("meta")
+    with pytest.raises(RuntimeError, match="must be on .*'s device \\(got .* on (meta|cpu), .* on (meta|cpu)\\)") as e:
+        call(*args)
+    msg = str(e.value)
+    assert msg.startswith(f"lowrank.{op}") and f"{names[which]} on meta" in msg, msg
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and lowrank's CUDA kernels")
+@pytest.mark.parametrize("op,which", MIXED, ids=[f"{op}-{i}" for op, i in MIXED])
+def test_cpu_argument_among_cuda_ones_is_refused(op, which):
+    call, args, names = CASES[op]
+    args = [a.cuda() for a in args]
+    args[which] = args[which].cpu()
+    with pytest.raises(RuntimeError, match=f"lowrank.{op}: .* must be on .*'s device \\(got .*cuda:0.*cpu|cpu.*cuda:0"):
+        call(*args)
+
+
+def test_all_meta_still_traces():
+    """All arguments on meta is the fake kernel's normal use (torch.compile): shapes come back, nothing raises."""
+    for op, (call, args, _) in CASES.items():
+        call(*[a.to("meta") for a in args])
+
+
+# ------------------------------------------------------------------------------------------ aliasing
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("alias", ["M_is_W_view", "P_is_W_view", "G_is_W", "scale_in_W"])
+def test_galore_update_refuses_W_overlapping_an_input(alias, device):
+    """W is written in the same pass that reads M, P, G and residual_scale: sharing memory is refused
+    (storage overlap, not only identity: a view of W as M is refused too)."""
+    W = torch.randn(6, 6, device=device)
+    M, P = torch.randn(6, 3, device=device), torch.randn(3, 6, device=device)
+    G, s = None, None
+    if alias == "M_is_W_view":
+        M = W[:, :3]
+    elif alias == "P_is_W_view":
+        P = W[3:]
+    elif alias == "G_is_W":
+        G, s = W, torch.ones(6, device=device)
+    else:
+        G, s = torch.randn(6, 6, device=device), W[0]
+    before = W.clone()
+    with pytest.raises(RuntimeError, match="lowrank.galore_update_: .* must not share memory with W"):
+        lowrank.galore_update_(W, M, P, False, 1.0, G, s)
+    assert torch.equal(W, before)
+
+
+@pytest.mark.parametrize("device", devices)
+def test_galore_update_accepts_disjoint_views_of_one_buffer(device):
+    """Two views of one buffer that do not overlap are fine (the check is on byte ranges)."""
+    buf = torch.randn(6 * 6 + 6 * 3, device=device)
+    W, M = buf[:36].view(6, 6), buf[36:].view(6, 3)
+    P = torch.randn(3, 6, device=device)
+    want = W.double() - M.double() @ P.double()
+    lowrank.galore_update_(W, M, P, False, 1.0)
+    torch.testing.assert_close(W.double(), want, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("device", devices)
+def test_adam_lowrank_refuses_overlapping_views(device):
+    buf = torch.rand(2, 8, 3, device=device)
+    with pytest.raises(RuntimeError, match="must not share memory"):
+        lowrank.adam_lowrank_(buf[0], buf[0][:, :3], buf[1], 0.9, 0.99, 1e-8)
+
+
+# ------------------------------------------------------------------------------------------ messages
+_PATH_OR_FUNC = re.compile(r"(\.h:\d|\.cpp:\d|\.cu:\d|\.cuh:\d|check_[a-z_]+, |/csrc/|API call failed)")
+
+BAD_CALLS = {
+    "monarch dtype": lambda: OPS.monarch_matmul(torch.randn(2, 4).int(), torch.randn(2, 2, 2), torch.randn(2, 2, 2)),
+    "monarch shape": lambda: OPS.monarch_matmul(torch.randn(2, 5), torch.randn(2, 2, 2), torch.randn(2, 2, 2)),
+    "sltrain dims": lambda: OPS.sltrain_linear(torch.randn(2, 4), torch.randn(2, 4, 1), torch.randn(3, 2),
+                                               torch.randn(0), torch.zeros(0, dtype=I64), 1.0, None, True),
+    "sltrain index": lambda: OPS.sltrain_linear(*_sltrain_args()[:4], torch.tensor([0, 7, 13, 30], dtype=I64),
+                                                1.0, None, True),
+    "project rank": lambda: OPS.galore_project(torch.randn(4, 5), torch.randn(6, 5), False, False),
+    "scores dtype": lambda: OPS.basis_scores(torch.randn(4, 5), torch.randn(5, 5).double(), False),
+    "dct shape": lambda: OPS.dct_basis_(torch.empty(3, 4)),
+}
+
+
+@pytest.mark.parametrize("name", list(BAD_CALLS))
+def test_messages_name_the_op_and_no_source_path(name):
+    with pytest.raises(RuntimeError) as e:
+        BAD_CALLS[name]()
+    msg = str(e.value)
+    assert msg.startswith("lowrank."), msg
+    assert not _PATH_OR_FUNC.search(msg), msg
+
+
+def test_message_format_argument_problem_given():
+    with pytest.raises(RuntimeError) as e:
+        BAD_CALLS["monarch dtype"]()
+    assert str(e.value) == "lowrank.monarch_matmul: x must be float32, float16 or bfloat16, or float64 on CPU (got int32)"
+
+
+def test_expanded_input_too_large_to_copy_names_op_argument_and_size():
+    """A zero-stride (expanded) x that the kernel would copy to full size (2^40 elements): the error names
+    the op, the argument, the byte count and the strides instead of a bare allocator error."""
+    x = torch.zeros(1, 1).expand(2 ** 24, 2 ** 16)
+    A, B = torch.randn(2, 2 ** 16), torch.randn(3, 2)
+    with pytest.raises(RuntimeError) as e:
+        OPS.sltrain_linear(x, A, B, torch.randn(0), torch.zeros(0, dtype=I64), 1.0, None, True)
+    msg = str(e.value)
+    assert msg.startswith("lowrank.sltrain_linear: x could not be made contiguous"), msg
+    assert str(2 ** 40 * 4) in msg and "strides (0, 0)" in msg and not _PATH_OR_FUNC.search(msg), msg
+
+
+def test_allocation_failure_names_op_and_size(monkeypatch):
+    """A scratch larger than memory (the materialized W of a 2^26 x 2^20 layer, 2^48 bytes): the op's name and
+    the byte count, not a bare allocator error."""
+    monkeypatch.setenv("LOWRANK_SLTRAIN_CPU_PATH", "materialize")
+    x, A, B = torch.zeros(1, 2 ** 20), torch.zeros(1, 2 ** 20), torch.zeros(2 ** 26, 1)
+    with pytest.raises(RuntimeError) as e:
+        OPS.sltrain_linear(x, A, B, torch.zeros(0), torch.zeros(0, dtype=I64), 1.0, None, False)
+    msg = str(e.value)
+    assert msg.startswith("lowrank.sltrain_linear: could not allocate"), msg
+    assert str(2 ** 48) in msg and not _PATH_OR_FUNC.search(msg), msg
