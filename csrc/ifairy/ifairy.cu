@@ -47,6 +47,7 @@
 #include <tuple>
 
 #include "common/cuda_dispatch.cuh"
+#include "common/op_boundary.h"
 #include "ifairy/ifairy_common.h"
 
 namespace lowrank {
@@ -57,9 +58,9 @@ using cuda_glue::check_cuda;
 using cuda_glue::current_stream;
 using cuda_glue::num_sms;
 
-constexpr const char* kQuant = "lowrank.ifairy_quantize";
-constexpr const char* kDequant = "lowrank.ifairy_dequantize";
-constexpr const char* kLinear = "lowrank.ifairy_linear";
+constexpr char kQuant[] = "lowrank.ifairy_quantize";
+constexpr char kDequant[] = "lowrank.ifairy_dequantize";
+constexpr char kLinear[] = "lowrank.ifairy_linear";
 constexpr int64_t kInPad = 64;  // activations padded to whole 16-byte packed chunks
 
 
@@ -541,7 +542,7 @@ unsigned grid_for(int64_t n, int sms) {
 // ------------------------------------------------------------------------------------ host side
 std::tuple<Tensor, Tensor> quantize_cuda(Tensor w_real, Tensor w_imag) {
   check_quantize_inputs(kQuant, w_real, w_imag);
-  STD_TORCH_CHECK(w_real.is_cuda(), kQuant, ": expected CUDA tensors");
+  LOWRANK_CHECK(w_real.is_cuda(), kQuant, ": expected CUDA tensors");
   torch::stable::accelerator::DeviceGuard guard(w_real.get_device_index());
   const Tensor wr = torch::stable::contiguous(w_real), wi = torch::stable::contiguous(w_imag);
   const int64_t out = wr.size(0), in = wr.size(1), nb = packed_width(in);
@@ -572,7 +573,7 @@ std::tuple<Tensor, Tensor> quantize_cuda(Tensor w_real, Tensor w_imag) {
 
 std::tuple<Tensor, Tensor> dequantize_cuda(Tensor packed, Tensor scales, int64_t in) {
   check_dequantize_inputs(kDequant, packed, scales, in);
-  STD_TORCH_CHECK(packed.is_cuda(), kDequant, ": expected CUDA tensors");
+  LOWRANK_CHECK(packed.is_cuda(), kDequant, ": expected CUDA tensors");
   torch::stable::accelerator::DeviceGuard guard(packed.get_device_index());
   const Tensor pk = torch::stable::contiguous(packed), sc = torch::stable::contiguous(scales);
   const int64_t out = pk.size(0), nb = pk.size(1);
@@ -645,7 +646,7 @@ void launch_gemv(const GemvArgs& g, const T* xr, const T* xi, T* yr, T* yi, int 
 
 std::tuple<Tensor, Tensor> linear_cuda(Tensor x_real, Tensor x_imag, Tensor packed, Tensor scales, bool act_quant) {
   const LinearDims d = linear_dims(kLinear, x_real, x_imag, packed, scales);
-  STD_TORCH_CHECK(x_real.is_cuda(), kLinear, ": expected CUDA tensors");
+  LOWRANK_CHECK(x_real.is_cuda(), kLinear, ": expected CUDA tensors");
   torch::stable::accelerator::DeviceGuard guard(x_real.get_device_index());
   const Tensor xr = torch::stable::contiguous(x_real), xi = torch::stable::contiguous(x_imag);
   const Tensor pk = torch::stable::contiguous(packed), sc = torch::stable::contiguous(scales);
@@ -657,7 +658,7 @@ std::tuple<Tensor, Tensor> linear_cuda(Tensor x_real, Tensor x_imag, Tensor pack
     torch::stable::zero_(yi);
     return {yr, yi};
   }
-  STD_TORCH_CHECK(d.T <= std::numeric_limits<int32_t>::max() && d.out <= int64_t(65535) * 65535, kLinear,
+  LOWRANK_CHECK(d.T <= std::numeric_limits<int32_t>::max() && d.out <= int64_t(65535) * 65535, kLinear,
                   ": too many tokens or rows for one launch (T=", d.T, ", out=", d.out, ")");
   const int32_t dev = xr.get_device_index();
   const cudaStream_t stream = current_stream(dev);
@@ -673,7 +674,7 @@ std::tuple<Tensor, Tensor> linear_cuda(Tensor x_real, Tensor x_imag, Tensor pack
     const PackedView pv{pbase, d.nbytes, d.out * d.nbytes, addr % 4 == 0};
     if (!act_quant) {
       const int64_t token_groups = (d.T + kFloatTokens - 1) / kFloatTokens;
-      STD_TORCH_CHECK(token_groups <= 65535, kLinear, ": act_quant=False takes at most ", 65535 * kFloatTokens,
+      LOWRANK_CHECK(token_groups <= 65535, kLinear, ": act_quant=False takes at most ", 65535 * kFloatTokens,
                       " tokens a call, got ", d.T);
       const int64_t row_groups = (d.out + kGemvWarps - 1) / kGemvWarps;
       const dim3 grid(static_cast<unsigned>(std::min<int64_t>(row_groups, 65535)), static_cast<unsigned>(token_groups));
@@ -689,7 +690,7 @@ std::tuple<Tensor, Tensor> linear_cuda(Tensor x_real, Tensor x_imag, Tensor pack
       return;
     }
     // the prefill grid's y dimension holds the token tiles: refuse before allocating or launching anything
-    STD_TORCH_CHECK(d.T <= 16 || (d.T + kPBM - 1) / kPBM <= 65535, kLinear, ": at most ", int64_t(65535) * kPBM,
+    LOWRANK_CHECK(d.T <= 16 || (d.T + kPBM - 1) / kPBM <= 65535, kLinear, ": at most ", int64_t(65535) * kPBM,
                     " tokens a call, got ", d.T);
     Tensor q = torch::stable::new_empty(xr, {d.T * 2 * in_pad}, ScalarType::Char);
     Tensor a = torch::stable::new_empty(xr, {d.T * 2}, ScalarType::Float);
@@ -715,7 +716,7 @@ std::tuple<Tensor, Tensor> linear_cuda(Tensor x_real, Tensor x_imag, Tensor pack
 }  // namespace lowrank
 
 STABLE_TORCH_LIBRARY_IMPL(lowrank, CUDA, m) {
-  m.impl("ifairy_quantize", TORCH_BOX(&lowrank::ifairy::quantize_cuda));
-  m.impl("ifairy_dequantize", TORCH_BOX(&lowrank::ifairy::dequantize_cuda));
-  m.impl("ifairy_linear", TORCH_BOX(&lowrank::ifairy::linear_cuda));
+  m.impl("ifairy_quantize", LOWRANK_BOX(lowrank::ifairy::kQuant, lowrank::ifairy::quantize_cuda));
+  m.impl("ifairy_dequantize", LOWRANK_BOX(lowrank::ifairy::kDequant, lowrank::ifairy::dequantize_cuda));
+  m.impl("ifairy_linear", LOWRANK_BOX(lowrank::ifairy::kLinear, lowrank::ifairy::linear_cuda));
 }

@@ -69,20 +69,20 @@ struct LinearDims {
 
 inline void check_packed_scales(const char* op, const Tensor& packed, const Tensor& scales) {
   check_dim(op, packed, "packed", 2, "(out, ceil(in/4)) uint8");
-  STD_TORCH_CHECK(packed.scalar_type() == ScalarType::Byte, op, ": packed must be uint8, got ",
+  LOWRANK_CHECK(packed.scalar_type() == ScalarType::Byte, op, ": packed must be uint8, got ",
                   torch::headeronly::toString(packed.scalar_type()));
-  STD_TORCH_CHECK(scales.scalar_type() == ScalarType::Float, op, ": scales must be float32 [s_re, s_im], got ",
+  LOWRANK_CHECK(scales.scalar_type() == ScalarType::Float, op, ": scales must be float32 [s_re, s_im], got ",
                   torch::headeronly::toString(scales.scalar_type()));
-  STD_TORCH_CHECK(scales.numel() == 2, op, ": scales must hold 2 elements [s_re, s_im], got ", scales.numel());
+  LOWRANK_CHECK(scales.numel() == 2, op, ": scales must hold 2 elements [s_re, s_im], got ", scales.numel());
   check_same_device(op, packed, "packed", scales, "scales");
 }
 
 inline LinearDims linear_dims(const char* op, const Tensor& xr, const Tensor& xi, const Tensor& packed,
                               const Tensor& scales) {
-  STD_TORCH_CHECK(xr.dim() >= 1, op, ": x_real must have at least 1 dimension (..., in), got a 0-D tensor");
+  LOWRANK_CHECK(xr.dim() >= 1, op, ": x_real must have at least 1 dimension (..., in), got a 0-D tensor");
   bool same_shape = xr.dim() == xi.dim();
   for (int64_t d = 0; same_shape && d < xr.dim(); ++d) same_shape = xr.size(d) == xi.size(d);
-  STD_TORCH_CHECK(same_shape, op, ": x_real and x_imag must have the same shape");
+  LOWRANK_CHECK(same_shape, op, ": x_real and x_imag must have the same shape");
   check_float_dtype(op, xr, "x_real");
   check_same_dtype(op, xr, "x_real", xi, "x_imag");
   check_same_device(op, xr, "x_real", xi, "x_imag");
@@ -92,7 +92,7 @@ inline LinearDims linear_dims(const char* op, const Tensor& xr, const Tensor& xi
   d.in = xr.size(xr.dim() - 1);
   d.out = packed.size(0);
   d.nbytes = packed.size(1);
-  STD_TORCH_CHECK(d.nbytes == packed_width(d.in), op, ": packed must be (out, ceil(in/4)) = (out, ",
+  LOWRANK_CHECK(d.nbytes == packed_width(d.in), op, ": packed must be (out, ceil(in/4)) = (out, ",
                   packed_width(d.in), ") for in = x's last dimension (", d.in, "), got width ", d.nbytes);
   d.T = 1;  // the leading dims' product (also when in = 0 and numel says nothing)
   for (int64_t k = 0; k + 1 < xr.dim(); ++k) d.T *= xr.size(k);
@@ -102,7 +102,7 @@ inline LinearDims linear_dims(const char* op, const Tensor& xr, const Tensor& xi
 inline void check_quantize_inputs(const char* op, const Tensor& wr, const Tensor& wi) {
   check_dim(op, wr, "w_real", 2, "(out, in)");
   check_dim(op, wi, "w_imag", 2, "(out, in)");
-  STD_TORCH_CHECK(wr.size(0) == wi.size(0) && wr.size(1) == wi.size(1), op,
+  LOWRANK_CHECK(wr.size(0) == wi.size(0) && wr.size(1) == wi.size(1), op,
                   ": w_real and w_imag must have the same shape, got (", wr.size(0), ", ", wr.size(1), ") and (",
                   wi.size(0), ", ", wi.size(1), ")");
   check_float_dtype(op, wr, "w_real");
@@ -112,8 +112,8 @@ inline void check_quantize_inputs(const char* op, const Tensor& wr, const Tensor
 
 inline void check_dequantize_inputs(const char* op, const Tensor& packed, const Tensor& scales, int64_t in) {
   check_packed_scales(op, packed, scales);
-  STD_TORCH_CHECK(in >= 0, op, ": in_features must be >= 0, got ", in);
-  STD_TORCH_CHECK(packed.size(1) == packed_width(in), op, ": packed must be (out, ceil(in_features/4)) = (out, ",
+  LOWRANK_CHECK(in >= 0, op, ": in_features must be >= 0, got ", in);
+  LOWRANK_CHECK(packed.size(1) == packed_width(in), op, ": packed must be (out, ceil(in_features/4)) = (out, ",
                   packed_width(in), "), got width ", packed.size(1));
 }
 

@@ -24,6 +24,7 @@
 
 #include "common/cpu_dispatch.h"
 #include "common/cpu_gemm.h"
+#include "common/op_boundary.h"
 #include "ifairy/ifairy_common.h"
 #include "ifairy/ifairy_cpu_kernels.h"
 
@@ -31,14 +32,14 @@ namespace lowrank {
 namespace ifairy {
 namespace {
 
-constexpr const char* kQuant = "lowrank.ifairy_quantize";
-constexpr const char* kDequant = "lowrank.ifairy_dequantize";
-constexpr const char* kLinear = "lowrank.ifairy_linear";
+constexpr char kQuant[] = "lowrank.ifairy_quantize";
+constexpr char kDequant[] = "lowrank.ifairy_dequantize";
+constexpr char kLinear[] = "lowrank.ifairy_linear";
 
 // ------------------------------------------------------------------------------------------ quantize
 std::tuple<Tensor, Tensor> quantize_cpu(Tensor w_real, Tensor w_imag) {
   check_quantize_inputs(kQuant, w_real, w_imag);
-  STD_TORCH_CHECK(w_real.is_cpu(), kQuant, ": the CPU kernel got a tensor on ", device_name(w_real));
+  LOWRANK_CHECK(w_real.is_cpu(), kQuant, ": the CPU kernel got a tensor on ", device_name(w_real));
   const Tensor wr = torch::stable::contiguous(w_real), wi = torch::stable::contiguous(w_imag);
   const int64_t out = wr.size(0), in = wr.size(1), nb = packed_width(in);
   Tensor packed = torch::stable::new_empty(wr, {out, nb}, ScalarType::Byte);
@@ -84,7 +85,7 @@ std::tuple<Tensor, Tensor> quantize_cpu(Tensor w_real, Tensor w_imag) {
 // ---------------------------------------------------------------------------------------- dequantize
 std::tuple<Tensor, Tensor> dequantize_cpu(Tensor packed, Tensor scales, int64_t in) {
   check_dequantize_inputs(kDequant, packed, scales, in);
-  STD_TORCH_CHECK(packed.is_cpu(), kDequant, ": the CPU kernel got a tensor on ", device_name(packed));
+  LOWRANK_CHECK(packed.is_cpu(), kDequant, ": the CPU kernel got a tensor on ", device_name(packed));
   const Tensor pk = torch::stable::contiguous(packed), sc = torch::stable::contiguous(scales);
   const int64_t out = pk.size(0), nb = pk.size(1);
   Tensor wr = torch::stable::new_empty(pk, {out, in}, ScalarType::Float);
@@ -359,7 +360,7 @@ void linear_double(const LinearDims& d, const double* xr, const double* xi, cons
 
 std::tuple<Tensor, Tensor> linear_cpu(Tensor x_real, Tensor x_imag, Tensor packed, Tensor scales, bool act_quant) {
   const LinearDims d = linear_dims(kLinear, x_real, x_imag, packed, scales);
-  STD_TORCH_CHECK(x_real.is_cpu(), kLinear, ": the CPU kernel got a tensor on ", device_name(x_real));
+  LOWRANK_CHECK(x_real.is_cpu(), kLinear, ": the CPU kernel got a tensor on ", device_name(x_real));
   const Tensor xr = torch::stable::contiguous(x_real), xi = torch::stable::contiguous(x_imag);
   const Tensor pk = torch::stable::contiguous(packed), sc = torch::stable::contiguous(scales);
   Tensor yr = torch::stable::new_empty(xr, out_shape_like(xr, d.out));
@@ -388,7 +389,7 @@ std::tuple<Tensor, Tensor> linear_cpu(Tensor x_real, Tensor x_imag, Tensor packe
 }  // namespace lowrank
 
 STABLE_TORCH_LIBRARY_IMPL(lowrank, CPU, m) {
-  m.impl("ifairy_quantize", TORCH_BOX(&lowrank::ifairy::quantize_cpu));
-  m.impl("ifairy_dequantize", TORCH_BOX(&lowrank::ifairy::dequantize_cpu));
-  m.impl("ifairy_linear", TORCH_BOX(&lowrank::ifairy::linear_cpu));
+  m.impl("ifairy_quantize", LOWRANK_BOX(lowrank::ifairy::kQuant, lowrank::ifairy::quantize_cpu));
+  m.impl("ifairy_dequantize", LOWRANK_BOX(lowrank::ifairy::kDequant, lowrank::ifairy::dequantize_cpu));
+  m.impl("ifairy_linear", LOWRANK_BOX(lowrank::ifairy::kLinear, lowrank::ifairy::linear_cpu));
 }
