@@ -172,3 +172,31 @@ def test_allocation_failure_names_op_and_size(monkeypatch):
     msg = str(e.value)
     assert msg.startswith("lowrank.sltrain_linear: could not allocate"), msg
     assert str(2 ** 48) in msg and not _PATH_OR_FUNC.search(msg), msg
+
+
+# ------------------------------------------------------------------------------------------ index check cost
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("dtype", [torch.int32, torch.int64])
+def test_index_check_reports_first_repeat_and_out_of_range(device, dtype):
+    args = _sltrain_args(device)
+    idx = torch.tensor([5, 9, 2, 9, 5, 1], dtype=dtype, device=device)  # position 3 repeats 9 (4 repeats 5)
+    vals = torch.randn(6, device=device)
+    with pytest.raises(RuntimeError, match=r"lowrank.sltrain_linear: indices must be unique \(got indices\[3\] = 9"):
+        OPS.sltrain_linear(*args[:3], vals, idx, 1.0, None, True)
+    idx = torch.tensor([5, 30, 2, -1], dtype=dtype, device=device)  # out·in = 30
+    with pytest.raises(RuntimeError, match=r"indices must lie in \[0, out·in\) = \[0, 30\) \(got indices\[1\] = 30\)"):
+        OPS.sltrain_linear(*args[:3], vals[:4], idx, 1.0, None, True)
+
+
+@pytest.mark.parametrize("device", devices)
+def test_index_check_memory_does_not_grow_with_out_times_in(device):
+    """A 2^40 x 2^20 layer (out·in = 2^60): a bitmap of out·in bits could never be allocated; the sort-based
+    check needs O(nnz) and reports the duplicate. B is expanded (never materialized: the check runs first)."""
+    x, A = torch.zeros(1, 2 ** 20, device=device), torch.zeros(1, 2 ** 20, device=device)
+    B = torch.zeros(1, 1, device=device).expand(2 ** 40, 1)
+    idx = torch.tensor([2 ** 59, 3, 2 ** 59 + 7, 3], dtype=I64, device=device)
+    with pytest.raises(RuntimeError, match=r"indices must be unique \(got indices\[3\] = 3"):
+        OPS.sltrain_linear(x, A, B, torch.zeros(4, device=device), idx, 1.0, None, True)
+    idx[3] = 4  # valid now: the check passes, and B's full-size copy is what fails, with a clear message
+    with pytest.raises(RuntimeError, match="lowrank.sltrain_linear: B could not be made contiguous"):
+        OPS.sltrain_linear(x, A, B, torch.zeros(4, device=device), idx, 1.0, None, True)
