@@ -200,3 +200,19 @@ def test_index_check_memory_does_not_grow_with_out_times_in(device):
     idx[3] = 4  # valid now: the check passes, and B's full-size copy is what fails, with a clear message
     with pytest.raises(RuntimeError, match="lowrank.sltrain_linear: B could not be made contiguous"):
         OPS.sltrain_linear(x, A, B, torch.zeros(4, device=device), idx, 1.0, None, True)
+
+
+# ------------------------------------------------------------------------------------------ basis_scores precision
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("left", [False, True])
+def test_basis_scores_float32_sum_over_many_rows_stays_exact(device, left):
+    """2^24 equal rows (an expanded G: no memory): the per-tile partials (~87k on the CPU) summed in fp32 drift
+    by ~7e-4; summed in fp64 the float32 score is the exactly rounded rows·|g|."""
+    rows = 2 ** 24
+    g = torch.full((1, 1), 0.1, device=device)
+    G = g.expand(1, rows) if left else g.expand(rows, 1)
+    Q = torch.ones(1, 1, device=device)
+    got = lowrank.basis_scores(G, Q, left).item()
+    truth = rows * float(g.item())
+    print(f"basis_scores over {rows} rows: rel err {abs(got - truth) / truth:.2e}")
+    assert abs(got - truth) <= 1e-6 * truth

@@ -487,14 +487,15 @@ __global__ void reduce_splits_kernel(const float* __restrict__ ws, float* __rest
   }
 }
 
-// scores[c] = Σ_mt partial[mt·N + c], in m-tile order.
+// scores[c] = Σ_mt partial[mt·N + c], in m-tile order, summed in fp64: up to 2^31 / kBM partials of similar
+// size, where an fp32 running sum drifts by percents.
 __global__ void reduce_partials_kernel(const float* __restrict__ partial, float* __restrict__ scores, int m_tiles,
                                        int N) {
   for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < N;
        c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    float s = 0.f;
-    for (int t = 0; t < m_tiles; ++t) s += partial[t * static_cast<int64_t>(N) + c];
-    scores[c] = s;
+    double s = 0.0;
+    for (int t = 0; t < m_tiles; ++t) s += static_cast<double>(partial[t * static_cast<int64_t>(N) + c]);
+    scores[c] = static_cast<float>(s);
   }
 }
 

@@ -272,7 +272,8 @@ Tensor basis_scores_cpu(Tensor G, Tensor Q, bool left) {
     const T* g = ptr_of<const T>(G);
     const Acc* q = ptr_of<const Acc>(Q);
     const int64_t m_tiles = (rows + Ws::MT - 1) / Ws::MT, n_tiles = (k + Ws::NC - 1) / Ws::NC;
-    std::vector<Acc> partial(static_cast<size_t>(m_tiles * k));
+    // fp64 sums whatever Acc: rows / MT partials of similar size, where an fp32 running sum drifts by percents
+    std::vector<double> partial(static_cast<size_t>(m_tiles * k));
     torch::stable::parallel_for(0, m_tiles * n_tiles, 1, [&](int64_t begin, int64_t end) {
       Ws ws;
       auto tile = detail::aligned_buffer<Acc>(Ws::MT * Ws::NC);
@@ -283,17 +284,17 @@ Tensor basis_scores_cpu(Tensor G, Tensor Q, bool left) {
         // B(kk, j) = Q[n0 + j, kk]
         gemm_tile<Acc, T, Acc, Acc>(mlen, nlen, k, operand<const T>(g + m0 * rs, 0, rs, cs),
                                     operand<const Acc>(q + n0 * k, 0, 1, k), operand<Acc>(c, 0, Ws::NC, 1), ws);
-        Acc* p = partial.data() + mt * k + n0;
-        for (int64_t j = 0; j < nlen; ++j) p[j] = Acc(0);
+        double* p = partial.data() + mt * k + n0;
+        for (int64_t j = 0; j < nlen; ++j) p[j] = 0.0;
         for (int64_t i = 0; i < mlen; ++i)
-          for (int64_t j = 0; j < nlen; ++j) p[j] += std::abs(c[i * Ws::NC + j]);
+          for (int64_t j = 0; j < nlen; ++j) p[j] += static_cast<double>(std::abs(c[i * Ws::NC + j]));
       }
     });
     torch::stable::parallel_for(0, k, 1024, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        Acc s = Acc(0);
+        double s = 0.0;
         for (int64_t mt = 0; mt < m_tiles; ++mt) s += partial[mt * k + c];
-        out[c] = s;
+        out[c] = static_cast<Acc>(s);
       }
     });
   });
