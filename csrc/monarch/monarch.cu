@@ -197,6 +197,34 @@ bool try_fused_forward(const char* op, const MonarchDims& d, const Tensor& x, co
 }
 
 
+void forward_into(const char* op, const MonarchDims& d, const Tensor& xc, const Tensor& w1c, const Tensor& w2c,
+                  const Tensor& out);
+
+// One block per row (grid-stride): a row of x with a NaN or Inf gets NaN in every output that came out finite
+// (see monarch_dense_connected: only outputs that do not depend on the non-finite input can).
+template <typename T>
+__global__ void poison_nonfinite_rows_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t batch, int64_t n,
+                                             int64_t n_out) {
+  for (int64_t b = blockIdx.x; b < batch; b += gridDim.x) {
+    int bad = 0;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) bad |= !isfinite(sgemm::to_f32<T>(x[b * n + i]));
+    if (!__syncthreads_or(bad)) continue;
+    for (int64_t o = threadIdx.x; o < n_out; o += blockDim.x)
+      if (isfinite(sgemm::to_f32<T>(out[b * n_out + o]))) out[b * n_out + o] = sgemm::from_f32<T>(__int_as_float(0x7fc00000));
+  }
+}
+
+void poison_nonfinite_rows(const char* op, const MonarchDims& d, const Tensor& xc, const Tensor& out) {
+  const int dev = xc.get_device_index();
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(d.batch, int64_t(num_sms(dev)) * 8));
+  dispatch_cuda_float(op, xc.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    poison_nonfinite_rows_kernel<T><<<grid, 256, 0, current_stream(dev)>>>(
+        static_cast<const T*>(xc.const_data_ptr()), static_cast<T*>(out.mutable_data_ptr()), d.batch, d.n, d.out);
+  });
+  check_cuda(cudaGetLastError(), op, "non-finite row launch");
+}
+
 Tensor monarch_matmul_cuda(Tensor x, Tensor w1, Tensor w2) {
   const char* op = kFwd;
   const MonarchDims d = monarch_dims(op, x, w1, w2);
@@ -208,7 +236,14 @@ Tensor monarch_matmul_cuda(Tensor x, Tensor w1, Tensor w2) {
   Tensor out = lowrank::new_empty(xc, out_shape_like(x, d.out));
   if (d.batch == 0) return out;
   check_sizes(op, d);
-  if (fused_allowed(d) && try_fused_forward(op, d, xc, w1c, w2c, out)) return out;
+  forward_into(op, d, xc, w1c, w2c, out);
+  if (!monarch_dense_connected(d)) poison_nonfinite_rows(op, d, xc, out);
+  return out;
+}
+
+void forward_into(const char* op, const MonarchDims& d, const Tensor& xc, const Tensor& w1c, const Tensor& w2c,
+                  const Tensor& out) {
+  if (fused_allowed(d) && try_fused_forward(op, d, xc, w1c, w2c, out)) return;
   const GemmRunner R = make_runner(op, xc);
   const Tensor mid = lowrank::new_empty(xc, {d.batch, d.mid});
   step1(op, R, d, xc, w1c, mid);
@@ -218,11 +253,10 @@ Tensor monarch_matmul_cuda(Tensor x, Tensor w1, Tensor w2) {
     R.run(operand(mid, d.r, d.mid, 1), operand(w2c, d.s * d.r, d.r, 1), output(u, d.s, d.out, 1), d.batch, d.s,
           d.r, d.l);
     transpose_last2(op, u, out, d.batch, d.l, d.s);
-    return out;
+    return;
   }
   R.run(operand(mid, d.r, d.mid, 1), operand(w2c, d.s * d.r, d.r, 1), output(out, 1, d.out, d.l), d.batch, d.s,
         d.r, d.l);
-  return out;
 }
 
 std::tuple<Tensor, Tensor, Tensor> monarch_matmul_backward_cuda(Tensor grad_out, Tensor x, Tensor w1, Tensor w2,

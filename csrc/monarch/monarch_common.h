@@ -4,6 +4,9 @@
 //   z[b, c, a]      = y[b, a·l + c]                             (permutation 'b (r l) -> b (l r)')
 //   out[b, d·l + c] = Σ_a w2[c, d, a] · z[b, c, a]              (factor 2, output order 'b (l s) -> b (s l)')
 #pragma once
+#include <algorithm>
+#include <vector>
+
 #include "common/checks.h"
 
 namespace lowrank {
@@ -39,6 +42,26 @@ inline MonarchDims monarch_dims(const char* op, const Tensor& x, const Tensor& w
   d.out = d.l * d.s;
   d.batch = d.n > 0 ? x.numel() / d.n : 0;
   return d;
+}
+
+// Whether every output depends on every input (the dense Monarch matrix has no structural zero): for each
+// c < l the middle indices a·l + c (a < r) must meet all k blocks of factor 1. Not so when r < k, for instance.
+// Where it fails, the kernels give the outputs of a token with a NaN or Inf input that do not depend on that
+// input NaN too, which is what F.linear on the dense matrix gives (0·Inf = NaN): one non-finite rule for all.
+inline bool monarch_dense_connected(const MonarchDims& d) {
+  if (d.r < d.k) return false;
+  std::vector<char> seen(static_cast<size_t>(d.k));
+  for (int64_t c = 0; c < d.l; ++c) {
+    std::fill(seen.begin(), seen.end(), 0);
+    int64_t hit = 0;
+    for (int64_t a = 0; a < d.r && hit < d.k; ++a) {
+      char& s = seen[static_cast<size_t>((a * d.l + c) / d.q)];
+      hit += !s;
+      s = 1;
+    }
+    if (hit < d.k) return false;
+  }
+  return true;
 }
 
 }  // namespace lowrank

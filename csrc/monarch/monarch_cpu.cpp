@@ -11,6 +11,7 @@
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 
+#include <cmath>
 #include <map>
 #include <mutex>
 #include <vector>
@@ -224,6 +225,21 @@ void backward(const MonarchDims& d, const T* g, const T* x, const T* w1, const T
   }
 }
 
+// Rows of x (batch, n) with a NaN or Inf get NaN in every output that came out finite (see
+// monarch_dense_connected: only outputs that do not depend on the non-finite input can).
+template <typename T>
+void poison_nonfinite_rows(const MonarchDims& d, const T* x, T* out) {
+  torch::stable::parallel_for(0, d.batch, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      bool finite = true;
+      for (int64_t i = 0; i < d.n; ++i) finite &= std::isfinite(static_cast<float>(x[b * d.n + i]));
+      if (finite) continue;
+      for (int64_t o = 0; o < d.out; ++o)
+        if (std::isfinite(static_cast<float>(out[b * d.out + o]))) out[b * d.out + o] = static_cast<T>(NAN);
+    }
+  });
+}
+
 Tensor monarch_matmul_cpu(Tensor x, Tensor w1, Tensor w2) {
   const MonarchDims d = monarch_dims(kFwd, x, w1, w2);
   LOWRANK_CHECK(x.is_cpu(), kFwd, ": the CPU kernel got a tensor on ", device_name(x));
@@ -236,6 +252,7 @@ Tensor monarch_matmul_cpu(Tensor x, Tensor w1, Tensor w2) {
     using T = decltype(tag);
     forward<T>(d, static_cast<const T*>(x.data_ptr()), static_cast<const T*>(w1.data_ptr()),
                static_cast<const T*>(w2.data_ptr()), static_cast<T*>(out.data_ptr()), nullptr);
+    if (!monarch_dense_connected(d)) poison_nonfinite_rows(d, static_cast<const T*>(x.data_ptr()), static_cast<T*>(out.data_ptr()));
   });
   return out;
 }
@@ -256,6 +273,7 @@ std::tuple<Tensor, Tensor> monarch_matmul_forward_saving_cpu(Tensor x, Tensor w1
     forward<T>(d, static_cast<const T*>(x.data_ptr()), static_cast<const T*>(w1.data_ptr()),
                static_cast<const T*>(w2.data_ptr()), static_cast<T*>(out.data_ptr()),
                static_cast<acc_t<T>*>(mid.data_ptr()));
+    if (!monarch_dense_connected(d)) poison_nonfinite_rows(d, static_cast<const T*>(x.data_ptr()), static_cast<T*>(out.data_ptr()));
   });
   return {out, mid};
 }

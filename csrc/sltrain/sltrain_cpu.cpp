@@ -12,6 +12,7 @@
 #include <torch/csrc/stable/ops.h>
 
 #include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
 #include <utility>
@@ -218,6 +219,44 @@ void lowrank_backward(const SLTrainDims& d, const T* g, const T* x, const T* A, 
   }
 }
 
+// Rows of x (T, in) holding a NaN or an Inf, ascending.
+template <typename T>
+std::vector<int64_t> nonfinite_rows(const T* x, int64_t T_, int64_t in) {
+  std::vector<char> bad(static_cast<size_t>(T_), 0);
+  torch::stable::parallel_for(0, T_, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const T* row = x + t * in;
+      bool finite = true;
+      for (int64_t i = 0; i < in; ++i) finite &= std::isfinite(static_cast<float>(row[i]));
+      bad[t] = !finite;
+    }
+  });
+  std::vector<int64_t> rows;
+  for (int64_t t = 0; t < T_; ++t)
+    if (bad[t]) rows.push_back(t);
+  return rows;
+}
+
+// y[t, :] = x[t, :]·Wᵀ (+ bias) for the given rows only, with W materialized like the materializing path does.
+template <typename Acc, typename T>
+void dense_rows(const SLTrainDims& d, const std::vector<int64_t>& rows, const T* x, const T* A, const T* B,
+                const T* values, const Tensor& indices, double scale, const T* bias, T* y) {
+  const int64_t n = static_cast<int64_t>(rows.size());
+  Tensor w_t = lowrank::empty({d.out, d.in}, acc_scalar_type<Acc>());
+  Tensor xb_t = lowrank::empty({n, d.in}, acc_scalar_type<Acc>()), yb_t = lowrank::empty({n, d.out}, acc_scalar_type<Acc>());
+  Acc* w = static_cast<Acc*>(w_t.data_ptr());
+  Acc* xb = static_cast<Acc*>(xb_t.data_ptr());
+  Acc* yb = static_cast<Acc*>(yb_t.data_ptr());
+  materialize<Acc>(d, A, B, values, indices, scale, w);
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t i = 0; i < d.in; ++i) xb[j * d.in + i] = static_cast<Acc>(x[rows[j] * d.in + i]);
+  strided_batched_gemm<Acc, Acc, Acc, Acc>(1, n, d.out, d.in, operand<const Acc>(xb, 0, d.in, 1),
+                                           operand<const Acc>(w, 0, 1, d.in), operand<Acc>(yb, 0, d.out, 1));
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t o = 0; o < d.out; ++o)
+      y[rows[j] * d.out + o] = static_cast<T>(yb[j * d.out + o] + (bias ? static_cast<Acc>(bias[o]) : Acc(0)));
+}
+
 Tensor sltrain_linear_cpu(Tensor x, Tensor A, Tensor B, Tensor values, Tensor indices, double scale,
                           std::optional<Tensor> bias, bool check) {
   const SLTrainDims d = sltrain_dims(kFwd, x, A, B, values, indices, bias);
@@ -249,6 +288,12 @@ Tensor sltrain_linear_cpu(Tensor x, Tensor A, Tensor B, Tensor values, Tensor in
       sparse_axpy<Acc>(yT, xT, sup.row, sup.col, sup.row, ptr(values), d.nnz, d.T);
       const Tensor b = bias.has_value() ? lowrank::contiguous(*bias, "bias") : Tensor();
       transpose_from(ptr(y), yT, d.T, d.out, bias.has_value() ? static_cast<const T*>(b.data_ptr()) : nullptr);
+      // x·Aᵀ spreads an Inf of x over r sums that B then mixes with both signs: NaN where x·Wᵀ gives ±Inf.
+      // The (rare) tokens with a non-finite input are recomputed as x·Wᵀ, so both paths give F.linear's result.
+      const std::vector<int64_t> rows = nonfinite_rows(ptr(x), d.T, d.in);
+      if (!rows.empty())
+        dense_rows<Acc>(d, rows, ptr(x), ptr(A), ptr(B), ptr(values), indices, scale,
+                        bias.has_value() ? static_cast<const T*>(b.data_ptr()) : nullptr, ptr(y));
       return;
     }
     Tensor w_t = lowrank::empty({d.out, d.in}, acc_scalar_type<Acc>());
