@@ -216,3 +216,21 @@ def test_basis_scores_float32_sum_over_many_rows_stays_exact(device, left):
     truth = rows * float(g.item())
     print(f"basis_scores over {rows} rows: rel err {abs(got - truth) / truth:.2e}")
     assert abs(got - truth) <= 1e-6 * truth
+
+
+# ------------------------------------------------------------------------------------------ optimizer state
+def test_galore_state_dict_loaded_into_groups_in_another_order_fails_at_load():
+    """torch pairs saved and current parameters by position: with the groups swapped, each parameter would get
+    the other's moments. The mismatch is refused by load_state_dict itself, naming shapes, not at the next step."""
+    from lowrank.optim import GaLoreAdamW
+    a, b = torch.nn.Parameter(torch.randn(12, 8)), torch.nn.Parameter(torch.randn(5))
+    opt = GaLoreAdamW([{"params": [a], "rank": 4}, {"params": [b]}], lr=1e-2)
+    a.grad, b.grad = torch.randn_like(a), torch.randn_like(b)
+    opt.step()
+    sd = opt.state_dict()
+    swapped = GaLoreAdamW([{"params": [b]}, {"params": [a], "rank": 4}], lr=1e-2)
+    with pytest.raises(ValueError, match="load_state_dict: group 0's parameter of shape \\(5,\\) would get"):
+        swapped.load_state_dict(sd)
+    same = GaLoreAdamW([{"params": [a], "rank": 4}, {"params": [b]}], lr=1e-2)
+    same.load_state_dict(sd)  # the right order still loads
+    same.step()
