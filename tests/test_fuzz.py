@@ -201,8 +201,9 @@ def test_projection_ops_match_reference(device, data):
 
     mom, mom_sq = randn(g, *R.shape, device=device, dtype=comp), randn(g, *R.shape, device=device, dtype=comp).abs()
     m64, v64 = mom.double().cpu().clone(), mom_sq.double().cpu().clone()
-    N = lowrank.adam_lowrank_(mom, mom_sq, layout(R, kind), 0.9, 0.99, 1e-3)
-    N64 = ref.adam_lowrank_reference(m64, v64, R.double().cpu(), 0.9, 0.99, 1e-3)
+    R_in = layout(R, kind)
+    N = lowrank.adam_lowrank_(mom, mom_sq, R_in, 0.9, 0.99, 1e-3)
+    N64 = ref.adam_lowrank_reference(m64, v64, R_in.double().cpu(), 0.9, 0.99, 1e-3)
     close("adam_lowrank_ N", N, N64, comp)
     close("adam_lowrank_ exp_avg", mom, m64, comp)
 

@@ -234,3 +234,43 @@ def test_galore_state_dict_loaded_into_groups_in_another_order_fails_at_load():
     same = GaLoreAdamW([{"params": [a], "rank": 4}, {"params": [b]}], lr=1e-2)
     same.load_state_dict(sd)  # the right order still loads
     same.step()
+
+
+# ------------------------------------------------------------------------------------------ past 2^31 elements
+def test_strided_g_with_offsets_past_2_to_32_indexes_in_64_bits(tmp_path):
+    """galore_project and basis_scores read G through its strides without a copy: a G whose row stride is
+    2^32 + 3 elements (a view of a sparse 32 GiB file: a few KiB on disk, nothing in memory) must read the
+    right elements; 32-bit offset arithmetic would wrap to the wrong ones. The other ops copy their inputs
+    (torch's copy indexes in 64 bits) and index their own buffers in int64 (csrc/*/*_cpu.cpp, common/cpu_gemm.h)."""
+    stride = 2 ** 32 + 3
+    storage = torch.from_file(str(tmp_path / "sparse.bin"), shared=True, size=2 * stride + 16, dtype=torch.float32)
+    vals = torch.randn(3, 5)
+    G = storage.as_strided((3, 5), (stride, 1))
+    G.copy_(vals)
+    P = torch.linalg.qr(torch.randn(5, 2))[0].T.contiguous()
+    R, sq = lowrank.galore_project(G, P, False, True)
+    torch.testing.assert_close(R, vals @ P.T, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(sq, (vals * vals).sum(1), rtol=1e-5, atol=1e-5)
+    Q = lowrank.dct_basis(5)
+    torch.testing.assert_close(lowrank.basis_scores(G, Q, False), (vals @ Q.T).abs().sum(0), rtol=1e-5, atol=1e-5)
+    GT = storage.as_strided((5, 3), (1, stride))  # left: columns 2^32 elements apart
+    torch.testing.assert_close(lowrank.basis_scores(GT, Q, True), (Q @ vals.T).abs().sum(1), rtol=1e-5, atol=1e-5)
+    PL = torch.linalg.qr(torch.randn(5, 2))[0].contiguous()  # left: P (m, r) = (5, 2)
+    torch.testing.assert_close(lowrank.galore_project(GT, PL, True, False)[0], PL.T @ vals.T, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="needs a GPU and lowrank's CUDA kernels")
+def test_cuda_refuses_rows_past_2_to_31_before_copying():
+    """The CUDA GEMMs take dimensions below 2^31: an expanded (no memory) input with 2^31 rows is refused
+    with the op's name and the sizes, before any copy is attempted."""
+    x = torch.zeros(1, 8, device="cuda").expand(2 ** 31, 8)
+    with pytest.raises(RuntimeError, match=r"lowrank.monarch_matmul: x's rows .* below 2\^31 on CUDA \(got rows=2147483648"):
+        OPS.monarch_matmul(x, torch.randn(2, 4, 4, device="cuda"), torch.randn(2, 6, 4, device="cuda"))
+    A, B = torch.randn(2, 8, device="cuda"), torch.randn(5, 2, device="cuda")
+    with pytest.raises(RuntimeError, match=r"lowrank.sltrain_linear: x's rows, in, out and r must stay below 2\^31"):
+        OPS.sltrain_linear(x, A, B, torch.randn(0, device="cuda"), torch.zeros(0, dtype=I64, device="cuda"), 1.0,
+                           None, True)
+    G = torch.zeros(1, 8, device="cuda").expand(2 ** 31, 8)
+    with pytest.raises(RuntimeError, match=r"lowrank.galore_project: .*(below 2\^31|at most 65535)"):
+        OPS.galore_project(G, torch.randn(2, 8, device="cuda"), False, False)

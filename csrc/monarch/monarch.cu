@@ -85,8 +85,8 @@ using namespace cuda_glue;
 void check_sizes(const char* op, const MonarchDims& d) {
   const int64_t imax = std::numeric_limits<int32_t>::max();
   LOWRANK_CHECK(d.batch <= imax && d.n <= imax && d.mid <= imax && d.out <= imax, op,
-                  ": sizes beyond 2^31 - 1 are not supported by the CUDA kernel (batch=", d.batch, ", n=", d.n,
-                  ", k·q=", d.mid, ", l·s=", d.out, ")");
+                ": x's rows and every width must stay below 2^31 on CUDA (got rows=", d.batch, ", n=", d.n,
+                ", k·q=", d.mid, ", l·s=", d.out, ")");
 }
 
 int elem_bytes(const Tensor& t) { return t.scalar_type() == ScalarType::Float ? 4 : 2; }
@@ -230,12 +230,12 @@ Tensor monarch_matmul_cuda(Tensor x, Tensor w1, Tensor w2) {
   const MonarchDims d = monarch_dims(op, x, w1, w2);
   LOWRANK_CHECK(x.is_cuda(), op, ": expected CUDA tensors");
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
+  check_sizes(op, d);  // before any copy: an expanded x past 2^31 rows is refused, not copied
   const Tensor xc = lowrank::contiguous(x, "x");
   const Tensor w1c = lowrank::contiguous(w1, "w1");
   const Tensor w2c = lowrank::contiguous(w2, "w2");
   Tensor out = lowrank::new_empty(xc, out_shape_like(x, d.out));
   if (d.batch == 0) return out;
-  check_sizes(op, d);
   forward_into(op, d, xc, w1c, w2c, out);
   if (!monarch_dense_connected(d)) poison_nonfinite_rows(op, d, xc, out);
   return out;
@@ -265,6 +265,7 @@ std::tuple<Tensor, Tensor, Tensor> monarch_matmul_backward_cuda(Tensor grad_out,
   const MonarchDims d = monarch_dims(op, x, w1, w2);
   LOWRANK_CHECK(x.is_cuda(), op, ": expected CUDA tensors");
   check_grad_out(op, grad_out, x, d.out);
+  check_sizes(op, d);
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   const Tensor xc = lowrank::contiguous(x, "x");
   const Tensor w1c = lowrank::contiguous(w1, "w1");
@@ -282,7 +283,6 @@ std::tuple<Tensor, Tensor, Tensor> monarch_matmul_backward_cuda(Tensor grad_out,
     }
     return {dx, dw1, dw2};
   }
-  check_sizes(op, d);
   const GemmRunner R = make_runner(op, xc);
 
   // gu[b, c, d] = g[b, d·l + c], one contiguous copy so that G1 and G2 load it with 16-byte cp.async

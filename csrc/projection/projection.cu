@@ -534,7 +534,7 @@ int grid_for(int64_t n, int sms) {
 void check_dims(const char* op, int64_t M, int64_t N, int64_t K) {
   const int64_t imax = std::numeric_limits<int32_t>::max();
   LOWRANK_CHECK(M <= imax - kBM && N <= imax - kBN && K <= imax - kBK, op,
-                  ": a GEMM dimension exceeds 2^31 (M=", M, ", N=", N, ", K=", K, ")");
+                ": every GEMM dimension must stay below 2^31 on CUDA (got M=", M, ", N=", N, ", K=", K, ")");
 }
 
 bool fp32_on_tensor_cores() {
@@ -548,7 +548,8 @@ bool fp32_on_tensor_cores() {
 template <typename TA, int kEpi, typename TW = float, typename TG = void>
 void launch_gemm(const char* op, const GemmArgs& p, const EpiArgs& e, int splits, cudaStream_t stream) {
   const int64_t n_tiles = (p.N + kBN - 1) / kBN, m_tiles = (p.M + kBM - 1) / kBM;
-  LOWRANK_CHECK(m_tiles <= 65535 && splits <= 65535, op, ": too many row tiles (", m_tiles, ") for the grid");
+  LOWRANK_CHECK(m_tiles <= 65535 && splits <= 65535, op, ": the GEMM's rows must be at most 65535·", kBM,
+                " on CUDA (got ", p.M, " rows: G's rows, or its columns for a left projection)");
   const dim3 grid(static_cast<unsigned>(n_tiles), static_cast<unsigned>(m_tiles), static_cast<unsigned>(splits));
   constexpr bool kHasFp32Tc = (kEpi == kEpiProject && std::is_same<TA, float>::value) ||
                               (kEpi == kEpiUpdate && std::is_same<TW, float>::value);

@@ -250,11 +250,20 @@ void column_sum(const GemmRunner& R, const SLTrainDims& d, const Tensor& dy, con
 }
 
 // ------------------------------------------------------------------------------------------ ops
+// The GEMM runner takes dimensions below 2^31; refused before any input is copied (an expanded x).
+void check_sizes(const char* op, const SLTrainDims& d) {
+  const int64_t imax = std::numeric_limits<int32_t>::max() - 64;
+  LOWRANK_CHECK(d.T <= imax && d.in <= imax && d.out <= imax && d.r <= imax, op,
+                ": x's rows, in, out and r must stay below 2^31 on CUDA (got rows=", d.T, ", in=", d.in, ", out=",
+                d.out, ", r=", d.r, ")");
+}
+
 Tensor sltrain_linear_cuda(Tensor x, Tensor A, Tensor B, Tensor values, Tensor indices, double scale,
                            std::optional<Tensor> bias, bool check) {
   const char* op = kFwd;
   const SLTrainDims d = sltrain_dims(op, x, A, B, values, indices, bias);
   LOWRANK_CHECK(x.is_cuda(), op, ": expected CUDA tensors");
+  check_sizes(op, d);
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   // indices first: their check costs O(nnz) whatever the other inputs' size
   const Tensor ic = lowrank::contiguous(indices, "indices");
@@ -284,6 +293,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sltrain_linear_backward_cuda(
   const SLTrainDims d = sltrain_dims(op, x, A, B, values, indices, std::nullopt);
   LOWRANK_CHECK(x.is_cuda(), op, ": expected CUDA tensors");
   check_grad_out(op, grad_out, x, d.out);
+  check_sizes(op, d);
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   const Tensor xc = lowrank::contiguous(x, "x");
   const Tensor Ac = lowrank::contiguous(A, "A");

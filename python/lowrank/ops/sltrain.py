@@ -21,8 +21,8 @@ def sltrain_linear(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, values: to
             the ``(out, in)`` weight (not differentiable).
         scale: the low-rank scale (SLTrain's ``alpha / r``).
         bias: optional ``(out,)``.
-        check: validate ``indices`` first (every index in ``[0, out·in)``, no duplicates). It costs a pass over
-            the indices and, on CUDA, a device sync, so ``SLTrainLinear`` validates its fixed support once and
+        check: validate ``indices`` first (every index in ``[0, out·in)``, no duplicates). It costs a sort of
+            the indices (O(nnz log nnz) time, O(nnz) memory) and, on CUDA, a device sync, so ``SLTrainLinear`` validates its fixed support once and
             calls with ``check=False``. With ``check=False`` an out-of-range index is ignored (never written
             or read) and duplicates add up, but nothing crashes.
 
