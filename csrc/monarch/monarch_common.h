@@ -20,7 +20,7 @@ struct MonarchDims {
 };
 
 inline MonarchDims monarch_dims(const char* op, const Tensor& x, const Tensor& w1, const Tensor& w2) {
-  LOWRANK_CHECK(x.dim() >= 1, op, ": x must have at least 1 dimension (..., n), got a 0-D tensor");
+  LOWRANK_CHECK(x.dim() >= 1, op, ": x must have at least 1 dimension (..., n) (got a 0-D tensor)");
   check_dim(op, w1, "w1", 3, "(k, q, p)");
   check_dim(op, w2, "w2", 3, "(l, s, r)");
   check_float_dtype(op, x, "x");
@@ -33,11 +33,12 @@ inline MonarchDims monarch_dims(const char* op, const Tensor& x, const Tensor& w
   d.k = w1.size(0), d.q = w1.size(1), d.p = w1.size(2);
   d.l = w2.size(0), d.s = w2.size(1), d.r = w2.size(2);
   LOWRANK_CHECK(d.k > 0 && d.q > 0 && d.p > 0 && d.l > 0 && d.s > 0 && d.r > 0, op,
-                  ": w1 and w2 must have no zero-sized dimension");
-  LOWRANK_CHECK(d.k * d.p == d.n, op, ": x's last dimension (", d.n, ") must equal k·p = ", d.k, "·", d.p, " = ",
-                  d.k * d.p, " for w1 of shape (", d.k, ", ", d.q, ", ", d.p, ")");
-  LOWRANK_CHECK(d.l * d.r == d.k * d.q, op, ": w2 (", d.l, ", ", d.s, ", ", d.r, ") needs l·r = k·q, got ",
-                  d.l * d.r, " != ", d.k * d.q);
+                ": w1 and w2 must have no zero-sized dimension (got w1 of ", shape_str(w1), ", w2 of ", shape_str(w2),
+                ")");
+  LOWRANK_CHECK(d.k * d.p == d.n, op, ": x's last dimension must equal k·p = ", d.k * d.p, " for w1 of shape ",
+                shape_str(w1), " (got ", d.n, ")");
+  LOWRANK_CHECK(d.l * d.r == d.k * d.q, op, ": w2 must have l·r = k·q = ", d.k * d.q, " for w1 of shape ",
+                shape_str(w1), " (got w2 of ", shape_str(w2), ", l·r = ", d.l * d.r, ")");
   d.mid = d.k * d.q;
   d.out = d.l * d.s;
   d.batch = d.n > 0 ? x.numel() / d.n : 0;
