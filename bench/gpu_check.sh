@@ -122,8 +122,8 @@ else
     esac
     # The CUDA half of the fuzz suite (hypothesis, every op and module against lowrank.reference, bad inputs),
     # with more examples than CI's default; GPU_FUZZ_EXAMPLES scales it.
-    echo "===== fuzz (LOWRANK_FUZZ_EXAMPLES=${GPU_FUZZ_EXAMPLES:-60})" >>"$PYTEST_LOG"
-    run_step 90 "$PYTEST_LOG" env LOWRANK_FUZZ_EXAMPLES="${GPU_FUZZ_EXAMPLES:-60}" "$PY" -m pytest -m cuda \
+    echo "===== fuzz (LOWRANK_FUZZ_EXAMPLES=${GPU_FUZZ_EXAMPLES:-300})" >>"$PYTEST_LOG"
+    run_step 90 "$PYTEST_LOG" env LOWRANK_FUZZ_EXAMPLES="${GPU_FUZZ_EXAMPLES:-300}" "$PY" -m pytest -m cuda \
         tests/test_fuzz.py -q -rfEs -p no:cacheprovider
     LAST=$(grep -E '(passed|failed|error|no tests ran)' "$PYTEST_LOG" | tail -1)
     case $RC in

@@ -4,8 +4,9 @@ float64: random shapes (odd, rectangular, empty batches), every dtype of each de
 raise a Python exception reading ``lowrank.<op>: ...`` (no crash, no source path, never a result).
 
 Bounded for CI: LOWRANK_FUZZ_EXAMPLES examples per test (default 100: about 15 s for the whole file on the
-two-core development machine, a few seconds per test). Long runs: ``LOWRANK_FUZZ_EXAMPLES=2000 LOWRANK_FUZZ_RANDOM=1 pytest tests/test_fuzz.py`` (random
-seeds instead of hypothesis' derandomized ones). Tests are parametrized by device, so the CUDA half runs with
+two-core development machine, a few seconds per test). Long runs:
+``LOWRANK_FUZZ_EXAMPLES=2000 LOWRANK_FUZZ_RANDOM=1 pytest tests/test_fuzz.py`` (random seeds instead of
+hypothesis' derandomized ones). Tests are parametrized by device, so the CUDA half runs with
 ``pytest -m cuda`` (bench/gpu_check.sh) when a GPU is there. iFairy is checked on finite inputs only; its
 non-finite rule is tested in test_ifairy.py."""
 from __future__ import annotations
