@@ -123,3 +123,18 @@ def test_adam_lowrank_nonfinite_propagates(device):
     m, v = torch.zeros(4, 5, device=device), torch.zeros(4, 5, device=device)
     N = lowrank.adam_lowrank_(m, v, R, 0.9, 0.99, 1e-8)
     assert torch.isnan(N[1, 2]) and not torch.isfinite(N[3, 0]) and torch.isfinite(N[0]).all()
+
+
+def test_large_finite_float64_is_not_taken_for_infinite(monkeypatch):
+    """A float64 value beyond float32's range (1e300) is finite: no NaN from the non-finite handling."""
+    w1, w2 = torch.rand(3, 4, 5, dtype=torch.float64), torch.rand(6, 2, 2, dtype=torch.float64)  # r < k
+    x = torch.rand(4, 15, dtype=torch.float64)
+    x[1, 3] = 1e300
+    got = lowrank.monarch_matmul(x, w1, w2)
+    torch.testing.assert_close(got, monarch_matmul_reference(x, w1, w2), rtol=1e-12, atol=0)
+    A, B = torch.rand(2, 15, dtype=torch.float64), torch.rand(6, 2, dtype=torch.float64)
+    idx, vals = torch.tensor([0, 17, 40]), torch.rand(3, dtype=torch.float64)
+    want = F.linear(x, sltrain_weight(A, B, vals, idx, 0.5))
+    for path in ("lowrank", "materialize"):
+        monkeypatch.setenv("LOWRANK_SLTRAIN_CPU_PATH", path)
+        torch.testing.assert_close(lowrank.sltrain_linear(x, A, B, vals, idx, 0.5), want, rtol=1e-12, atol=0)

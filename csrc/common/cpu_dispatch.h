@@ -3,6 +3,7 @@
 #include <torch/headeronly/util/BFloat16.h>
 #include <torch/headeronly/util/Half.h>
 
+#include <cmath>
 #include <type_traits>
 
 #include "common/checks.h"
@@ -23,6 +24,15 @@ void dispatch_float(ScalarType st, const char* op, F&& f) {
 // Accumulation type of a storage type: fp64 for float64, fp32 otherwise.
 template <typename T>
 using acc_t = std::conditional_t<std::is_same_v<T, double>, double, float>;
+
+// NaN / Inf test of a storage value (a double is tested as a double: a float cast would overflow to Inf).
+template <typename T>
+bool is_finite_value(T v) {
+  if constexpr (std::is_same_v<T, double>)
+    return std::isfinite(v);
+  else
+    return std::isfinite(static_cast<float>(v));
+}
 
 template <typename Acc>
 constexpr ScalarType acc_scalar_type() {

@@ -232,10 +232,10 @@ void poison_nonfinite_rows(const MonarchDims& d, const T* x, T* out) {
   torch::stable::parallel_for(0, d.batch, 64, [&](int64_t begin, int64_t end) {
     for (int64_t b = begin; b < end; ++b) {
       bool finite = true;
-      for (int64_t i = 0; i < d.n; ++i) finite &= std::isfinite(static_cast<float>(x[b * d.n + i]));
+      for (int64_t i = 0; i < d.n; ++i) finite &= is_finite_value(x[b * d.n + i]);
       if (finite) continue;
       for (int64_t o = 0; o < d.out; ++o)
-        if (std::isfinite(static_cast<float>(out[b * d.out + o]))) out[b * d.out + o] = static_cast<T>(NAN);
+        if (is_finite_value(out[b * d.out + o])) out[b * d.out + o] = static_cast<T>(NAN);
     }
   });
 }

@@ -227,7 +227,7 @@ std::vector<int64_t> nonfinite_rows(const T* x, int64_t T_, int64_t in) {
     for (int64_t t = begin; t < end; ++t) {
       const T* row = x + t * in;
       bool finite = true;
-      for (int64_t i = 0; i < in; ++i) finite &= std::isfinite(static_cast<float>(row[i]));
+      for (int64_t i = 0; i < in; ++i) finite &= is_finite_value(row[i]);
       bad[t] = !finite;
     }
   });
