@@ -29,8 +29,10 @@ namespace {
 constexpr char kFwd[] = "lowrank.sltrain_linear";
 constexpr char kBwd[] = "lowrank.sltrain_linear_backward";
 
-// check=True: range, then uniqueness by sorting (value, position) pairs — O(nnz log nnz) time, 16·nnz bytes,
-// whatever out·in is. Reports the smallest position whose value appeared earlier (the same one as the CUDA check).
+// check=True: range, then uniqueness, in O(nnz) memory and O(nnz log nnz) time whatever out·in is: a bitmap
+// of out·in bits when that is at most 64 bytes per index (a dense enough support: one pass), else a sort of
+// (value, position) pairs (16 bytes per index). Both report the smallest position whose value appeared
+// earlier (as the CUDA check does).
 template <typename I>
 void validate_indices_typed(const char* op, const I* idx, int64_t nnz, int64_t size) {
   for (int64_t k = 0; k < nnz; ++k) {
@@ -38,15 +40,25 @@ void validate_indices_typed(const char* op, const I* idx, int64_t nnz, int64_t s
     LOWRANK_CHECK(v >= 0 && v < size, op, ": indices must lie in [0, out·in) = [0, ", size, ") (got indices[", k,
                   "] = ", v, ")");
   }
-  std::vector<std::pair<int64_t, int64_t>> order(static_cast<size_t>(nnz));
-  for (int64_t k = 0; k < nnz; ++k) order[k] = {static_cast<int64_t>(idx[k]), k};
-  std::sort(order.begin(), order.end());
-  int64_t dup = -1, first = -1;
-  for (size_t i = 1; i < order.size(); ++i)
-    if (order[i].first == order[i - 1].first && (dup < 0 || order[i].second < dup))
-      dup = order[i].second, first = order[i - 1].second;
+  int64_t dup = -1;
+  if (size / 8 <= 64 * nnz) {
+    std::vector<uint64_t> seen(static_cast<size_t>((size + 63) / 64), 0);
+    for (int64_t k = 0; k < nnz && dup < 0; ++k) {
+      const int64_t v = static_cast<int64_t>(idx[k]);
+      uint64_t& word = seen[static_cast<size_t>(v >> 6)];
+      const uint64_t bit = uint64_t(1) << (v & 63);
+      if (word & bit) dup = k;
+      word |= bit;
+    }
+  } else {
+    std::vector<std::pair<int64_t, int64_t>> order(static_cast<size_t>(nnz));
+    for (int64_t k = 0; k < nnz; ++k) order[k] = {static_cast<int64_t>(idx[k]), k};
+    std::sort(order.begin(), order.end());
+    for (size_t i = 1; i < order.size(); ++i)
+      if (order[i].first == order[i - 1].first && (dup < 0 || order[i].second < dup)) dup = order[i].second;
+  }
   LOWRANK_CHECK(dup < 0, op, ": indices must be unique (got indices[", dup, "] = ", static_cast<int64_t>(idx[dup]),
-                ", equal to indices[", first, "])");
+                ", a value that appears at an earlier position)");
 }
 
 void validate_indices(const char* op, const Tensor& indices, int64_t nnz, int64_t size) {
