@@ -2,9 +2,10 @@
 # bench/gpu_check.sh WHEEL|none OUTDIR
 #
 # The one command for a GPU machine that has python + torch but nothing of ours. It installs WHEEL
-# (none: use the lowrank already installed), checks that the CUDA library loads, runs the CUDA tests,
-# compute-sanitizer memcheck on bench/sanitizer_smoke.py and the CUDA benchmark, then prints a
-# summary LAST. It never compiles anything. Without a GPU it is a dry run: CUDA steps say SKIP and
+# (none: use the lowrank already installed), checks that the CUDA library loads, runs the CUDA tests and
+# the CUDA fuzz suite, compute-sanitizer memcheck, racecheck and synccheck on bench/sanitizer_smoke.py and
+# the CUDA benchmark, then prints a summary LAST. Steps run in that order under one time budget, so on a
+# slow machine the last (A/B timing) step is the one cut short. It never compiles anything. Without a GPU it is a dry run: CUDA steps say SKIP and
 # the benchmark runs its quick CPU set instead, so the harness itself is exercised.
 #
 # OUTDIR gets at most 8 files (setup.log pytest.log sanitizer.log bench.log bench_<dev>.json/.md/.png
@@ -111,13 +112,24 @@ if [ "$CUDA" != 1 ]; then
 elif [ ! -d tests ]; then
     record pytest-cuda SKIP "no tests/ folder in the working tree"
 else
-    run_step 180 "$PYTEST_LOG" "$PY" -m pytest -m cuda tests -q -rfEs -p no:cacheprovider
+    run_step 180 "$PYTEST_LOG" "$PY" -m pytest -m cuda tests -q -rfEs -p no:cacheprovider --ignore=tests/test_fuzz.py
     LAST=$(grep -E '(passed|failed|error|no tests ran)' "$PYTEST_LOG" | tail -1)
     case $RC in
         0) record pytest-cuda PASS "$LAST" ;;
         5) record pytest-cuda SKIP "no test is marked cuda" ;;
         124) record pytest-cuda FAIL "timed out (pytest.log)" ;;
         *) record pytest-cuda FAIL "$LAST" ;;
+    esac
+    # The CUDA half of the fuzz suite (hypothesis, every op and module against lowrank.reference, bad inputs),
+    # with more examples than CI's default; GPU_FUZZ_EXAMPLES scales it.
+    echo "===== fuzz (LOWRANK_FUZZ_EXAMPLES=${GPU_FUZZ_EXAMPLES:-300})" >>"$PYTEST_LOG"
+    run_step 90 "$PYTEST_LOG" env LOWRANK_FUZZ_EXAMPLES="${GPU_FUZZ_EXAMPLES:-300}" "$PY" -m pytest -m cuda \
+        tests/test_fuzz.py -q -rfEs -p no:cacheprovider
+    LAST=$(grep -E '(passed|failed|error|no tests ran)' "$PYTEST_LOG" | tail -1)
+    case $RC in
+        0) record "pytest-cuda fuzz" PASS "$LAST" ;;
+        124) record "pytest-cuda fuzz" FAIL "timed out (pytest.log)" ;;
+        *) record "pytest-cuda fuzz" FAIL "$LAST" ;;
     esac
     # The opt-in cuBLAS GEMM path too (LOWRANK_CUBLAS=1), on the families that use the GEMM runner.
     echo "===== LOWRANK_CUBLAS=1" >>"$PYTEST_LOG"
@@ -141,7 +153,7 @@ else
     esac
 fi
 
-# 5. compute-sanitizer memcheck --------------------------------------------------------------------
+# 5. compute-sanitizer memcheck, racecheck, synccheck ------------------------------------------------
 SAN_LOG=$OUTDIR/sanitizer.log
 : >"$SAN_LOG"
 find_sanitizer() {
@@ -154,21 +166,28 @@ print(next(iter(sorted(f for p in nvidia.__path__ for f in glob.glob(p + "/*/com
 }
 SAN=$(find_sanitizer)
 if [ "$CUDA" != 1 ]; then
-    record memcheck SKIP "no GPU"
+    record sanitizer SKIP "no GPU"
 elif [ -z "$SAN" ]; then
-    record memcheck SKIP "compute-sanitizer not found (PATH, /usr/local/cuda*/bin, pip nvidia packages)"
+    record sanitizer SKIP "compute-sanitizer not found (PATH, /usr/local/cuda*/bin, pip nvidia packages)"
 else
     echo "$SAN" >>"$SAN_LOG"
-    # Without the caching allocator every tensor is its own allocation, so memcheck sees overruns.
-    run_step 150 "$SAN_LOG" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool memcheck --error-exitcode 99 \
-        --print-limit 20 "$PY" bench/sanitizer_smoke.py
-    if grep -q "Device not supported" "$SAN_LOG"; then record memcheck SKIP "sanitizer: device not supported here"
-    else case $RC in
-        0) record memcheck PASS "smoke: $(grep -o '[0-9]* failure(s)' "$SAN_LOG" | tail -1), no memcheck errors" ;;
-        99) record memcheck FAIL "memcheck reported errors (sanitizer.log)" ;;
-        124) record memcheck FAIL "timed out (sanitizer.log)" ;;
-        *) record memcheck FAIL "mismatch or crash, rc $RC (sanitizer.log)" ;;
-    esac; fi
+    # memcheck on every smoke case; racecheck (shared-memory hazards) and synccheck (barrier misuse) are
+    # slower and run the --quick subset (float32 + bfloat16, fewer shapes: every kernel still launches).
+    for TOOL in memcheck racecheck synccheck; do
+        CAP=150 ARGS=()
+        [ "$TOOL" = memcheck ] || CAP=90 ARGS=(--quick)
+        echo "===== $TOOL" >>"$SAN_LOG"
+        # Without the caching allocator every tensor is its own allocation, so memcheck sees overruns.
+        run_step $CAP "$SAN_LOG" env PYTORCH_NO_CUDA_MEMORY_CACHING=1 "$SAN" --tool $TOOL --error-exitcode 99 \
+            --print-limit 20 "$PY" bench/sanitizer_smoke.py ${ARGS[@]+"${ARGS[@]}"}
+        if grep -q "Device not supported" "$SAN_LOG"; then record $TOOL SKIP "sanitizer: device not supported here"
+        else case $RC in
+            0) record $TOOL PASS "smoke: $(grep -o '[0-9]* failure(s)' "$SAN_LOG" | tail -1), no $TOOL errors" ;;
+            99) record $TOOL FAIL "$TOOL reported errors (sanitizer.log)" ;;
+            124) record $TOOL FAIL "timed out (sanitizer.log)" ;;
+            *) record $TOOL FAIL "mismatch or crash, rc $RC (sanitizer.log)" ;;
+        esac; fi
+    done
 fi
 
 # 6. benchmark -----------------------------------------------------------------------------------

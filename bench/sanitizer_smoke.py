@@ -6,7 +6,11 @@ iFairy and projection ops against the CPU kernels (which the test suite checks a
 Meant to run under ``compute-sanitizer --tool memcheck``: the shapes are tiny (instrumented kernels
 are slow) and deliberately not multiples of any tile, so out-of-bounds accesses at tile edges show up.
 SLTrain runs with int32 and int64 indices, with and without bias, including an empty
-and a full support. Exits 1 on any mismatch. ``--device cpu`` runs the same checks without a GPU (a dry run).
+and a full support. The reliability paths run too: the sort-based index check refusing a duplicate and an
+out-of-range index, and Monarch's non-finite rows (a shape whose dense matrix has structural zeros).
+Exits 1 on any mismatch. ``--device cpu`` runs the same checks without a GPU (a dry run). ``--quick`` (for
+racecheck and synccheck, which are slower) keeps float32 and bfloat16 and the first shapes of each list:
+every kernel still launches, tile edges included.
 """
 from __future__ import annotations
 
@@ -146,21 +150,51 @@ def ifairy_and_projection_cases(device):
     return cases
 
 
+def reliability_cases(device) -> int:
+    """The error and non-finite paths on the device; returns the number of failures."""
+    failures = 0
+    x, A, B = torch.randn(5, 9, device=device), torch.randn(2, 9, device=device), torch.randn(7, 2, device=device)
+    for bad, want in (([3, 40, 3], "unique"), ([3, 63, 1], "lie in")):
+        idx = torch.tensor(bad, device=device)
+        try:
+            lowrank.sltrain_linear(x, A, B, torch.randn(3, device=device), idx, 1.0)
+            ok, what = False, "no error"
+        except RuntimeError as e:
+            ok, what = want in str(e), str(e).splitlines()[0][:160]
+        failures += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} sltrain index check {bad}: {what}")
+    w1, w2 = torch.randn(3, 4, 5, device=device), torch.randn(6, 2, 2, device=device)  # r < k: structural zeros
+    for dtype in (torch.float32, torch.bfloat16):
+        xm = torch.randn(37, 15, device=device, dtype=dtype)
+        xm[3, 2], xm[20, 14] = float("inf"), float("nan")
+        out = lowrank.monarch_matmul(xm, w1.to(dtype), w2.to(dtype))
+        bad_rows = ~torch.isfinite(xm).all(-1)
+        ok = bool((~torch.isfinite(out[bad_rows])).all() and torch.isfinite(out[~bad_rows]).all())
+        failures += not ok
+        print(f"{'ok  ' if ok else 'FAIL'} monarch non-finite rows {str(dtype)[6:]}")
+    return failures
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="cuda", choices=["cuda", "cpu"])
-    device = parser.parse_args().device
+    parser.add_argument("--quick", action="store_true", help="float32 + bfloat16, fewer shapes")
+    args = parser.parse_args()
+    device = args.device
     torch.manual_seed(0)
-    failures = 0
-    for dtype, tol in TOLERANCE.items():
-        for x_shape, w1_shape, w2_shape in SHAPES:
+    failures = reliability_cases(device)
+    dtypes = {t: v for t, v in TOLERANCE.items() if not args.quick or t != torch.float16}
+    shapes, sl_shapes = (SHAPES[:3] + SHAPES[4:], SLTRAIN_SHAPES[:2] + SLTRAIN_SHAPES[4:]) if args.quick \
+        else (SHAPES, SLTRAIN_SHAPES)
+    for dtype, tol in dtypes.items():
+        for x_shape, w1_shape, w2_shape in shapes:
             errs = check(x_shape, w1_shape, w2_shape, dtype, device)
             ok = all(e <= tol for e in errs)  # a NaN fails too
             failures += not ok
             print(f"{'ok  ' if ok else 'FAIL'} {str(dtype)[6:]:9} x{x_shape} w1{w1_shape} w2{w2_shape} "
                   f"err out/dx/dw1/dw2 = {' '.join(f'{e:.1e}' for e in errs)} (tol {tol:.0e})")
-    for dtype, tol in TOLERANCE.items():
-        for x_shape, n_out, rank, nnz, with_bias in SLTRAIN_SHAPES:
+    for dtype, tol in dtypes.items():
+        for x_shape, n_out, rank, nnz, with_bias in sl_shapes:
             for index_dtype in (torch.int32, torch.int64):
                 what = (f"{str(dtype)[6:]:9} sltrain x{x_shape} -> {n_out} r={rank} nnz={nnz} "
                         f"{str(index_dtype)[6:]}{' +bias' if with_bias else ''}")
@@ -174,9 +208,10 @@ def main() -> int:
                 failures += not ok
                 print(f"{'ok  ' if ok else 'FAIL'} {what} err out/dx/dA/dB/dvalues{'/dbias' if with_bias else ''} "
                       f"= {' '.join(f'{e:.1e}' for e in errs)} (tol {tol:.0e})")
-    for name, fn, args, tol in ifairy_and_projection_cases(device):
+    cases = ifairy_and_projection_cases(device)
+    for name, fn, fn_args, tol in cases[::3] if args.quick else cases:
         try:
-            ok, what = cpu_vs_device(name, fn, args, device, tol)
+            ok, what = cpu_vs_device(name, fn, fn_args, device, tol)
         except Exception as e:  # noqa: BLE001
             ok, what = False, f"{name}: {type(e).__name__}: {str(e).splitlines()[0][:200] if str(e) else ''}"
         failures += not ok

@@ -17,6 +17,8 @@
 #include <new>
 #include <type_traits>
 
+#include "common/checks.h"
+
 namespace lowrank {
 
 constexpr int kGemmMR = 6;
@@ -59,7 +61,8 @@ template <typename T>
 std::unique_ptr<T, FreeDeleter> aligned_buffer(int64_t n) {
   const size_t bytes = ((static_cast<size_t>(n) * sizeof(T) + 63) / 64) * 64;
   T* p = static_cast<T*>(std::aligned_alloc(64, bytes));
-  if (p == nullptr) throw std::bad_alloc();  // surfaces as a Python exception, not a crash
+  if (p == nullptr)  // the op boundary (op_boundary.h) names the op; inside parallel_for torch reports it
+    throw AllocError(concat("could not allocate a scratch buffer of ", bytes, " bytes (cpu)"));
   return std::unique_ptr<T, FreeDeleter>(p);
 }
 }  // namespace detail

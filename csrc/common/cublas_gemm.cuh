@@ -38,7 +38,7 @@ inline bool enabled() {
 }
 
 inline void check(cublasStatus_t s, const char* op, const char* what) {
-  STD_TORCH_CHECK(s == CUBLAS_STATUS_SUCCESS, op, ": cuBLAS ", what, " failed: ", cublasGetStatusName(s), " (",
+  LOWRANK_CHECK(s == CUBLAS_STATUS_SUCCESS, op, ": cuBLAS ", what, " failed: ", cublasGetStatusName(s), " (",
                   int(s), ")");
 }
 
@@ -56,7 +56,7 @@ inline cublasHandle_t handle(int32_t device, cudaStream_t stream, const char* op
     Bound b{nullptr, nullptr};
     check(cublasCreate(&b.h), op, "handle creation");
     const cudaError_t e = cudaMalloc(&b.ws, kWorkspace);
-    STD_TORCH_CHECK(e == cudaSuccess, op, ": cudaMalloc of the cuBLAS workspace failed: ", cudaGetErrorString(e));
+    LOWRANK_CHECK(e == cudaSuccess, op, ": cudaMalloc of the cuBLAS workspace failed: ", cudaGetErrorString(e));
     it = handles.emplace(device, b).first;
   }
   check(cublasSetStream(it->second.h, stream), op, "set stream");
@@ -138,7 +138,7 @@ inline bool try_gemm(const char* op, int32_t device, cudaStream_t stream, cudaDa
     const int blocks = static_cast<int>(std::min<int64_t>((total + threads - 1) / threads, 65535));
     fill_bias_kernel<<<blocks, threads, 0, stream>>>(bias, c.ptr, M, N, c.rs, c.cs, elem_bytes);
     const cudaError_t e = cudaGetLastError();
-    STD_TORCH_CHECK(e == cudaSuccess, op, ": bias fill launch failed: ", cudaGetErrorString(e));
+    LOWRANK_CHECK(e == cudaSuccess, op, ": bias fill launch failed: ", cudaGetErrorString(e));
     beta = 1.f;
   }
   cublasHandle_t h = handle(device, stream, op);

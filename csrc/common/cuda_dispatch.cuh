@@ -22,7 +22,7 @@ void dispatch_cuda_float(const char* op, ScalarType st, F&& f) {
     case ScalarType::Float: f(float{}); break;
     case ScalarType::Half: f(__half{}); break;
     case ScalarType::BFloat16: f(__nv_bfloat16{}); break;
-    default: STD_TORCH_CHECK(false, op, ": unsupported dtype on CUDA (float32, float16 or bfloat16)");
+    default: LOWRANK_CHECK(false, op, ": unsupported dtype on CUDA (float32, float16 or bfloat16)");
   }
 }
 
@@ -59,7 +59,7 @@ __device__ __forceinline__ float to_f32<__nv_bfloat16>(__nv_bfloat16 v) {
 namespace cuda_glue {
 
 inline void check_cuda(cudaError_t e, const char* op, const char* what) {
-  STD_TORCH_CHECK(e == cudaSuccess, op, ": CUDA error in ", what, ": ", cudaGetErrorString(e));
+  LOWRANK_CHECK(e == cudaSuccess, op, ": CUDA error in ", what, ": ", cudaGetErrorString(e));
 }
 
 inline cudaStream_t current_stream(int32_t device_index) {

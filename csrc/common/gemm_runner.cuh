@@ -62,7 +62,7 @@ struct GemmRunner {
     if (M == 0 || N == 0 || groups == 0) return;
     const int64_t imax = std::numeric_limits<int32_t>::max();
     // K gets headroom: split-K adds up to one k_per_split (rounded to the 32-wide K step) to a K offset
-    STD_TORCH_CHECK(M <= imax && N <= imax && K <= imax - 64 && groups <= imax, op,
+    LOWRANK_CHECK(M <= imax && N <= imax && K <= imax - 64 && groups <= imax, op,
                     ": a GEMM dimension exceeds 2^31 - 1 (M=", M, ", N=", N, ", K=", K, ", groups=", groups, ")");
     const bool f32 = st == ScalarType::Float;
     if (f32 || st == ScalarType::Half || st == ScalarType::BFloat16) {
@@ -82,7 +82,7 @@ struct GemmRunner {
     Tensor ws = like;
     const int64_t elems = groups * M * N;  // only meaningful for a dense output
     if (plan.splits > 1) {
-      ws = torch::stable::new_empty(like, {plan.splits * elems}, ScalarType::Float);
+      ws = lowrank::new_empty(like, {plan.splits * elems}, ScalarType::Float);
       c.ptr = ws.mutable_data_ptr();
       c.f32 = 1;
       c.split_stride = elems;

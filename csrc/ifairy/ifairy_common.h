@@ -81,13 +81,13 @@ struct LinearDims {
 
 inline void check_packed_scales(const char* op, const Tensor& packed, const Tensor& scales,
                                 const std::string& pname = "packed", const std::string& sname = "scales") {
-  STD_TORCH_CHECK(packed.dim() == 2, op, ": ", pname, " must be 2-D (out, ceil(in/4)) uint8, got a ", packed.dim(),
+  LOWRANK_CHECK(packed.dim() == 2, op, ": ", pname, " must be 2-D (out, ceil(in/4)) uint8, got a ", packed.dim(),
                   "-D tensor");
-  STD_TORCH_CHECK(packed.scalar_type() == ScalarType::Byte, op, ": ", pname, " must be uint8, got ",
+  LOWRANK_CHECK(packed.scalar_type() == ScalarType::Byte, op, ": ", pname, " must be uint8, got ",
                   torch::headeronly::toString(packed.scalar_type()));
-  STD_TORCH_CHECK(scales.scalar_type() == ScalarType::Float, op, ": ", sname, " must be float32 [s_re, s_im], got ",
+  LOWRANK_CHECK(scales.scalar_type() == ScalarType::Float, op, ": ", sname, " must be float32 [s_re, s_im], got ",
                   torch::headeronly::toString(scales.scalar_type()));
-  STD_TORCH_CHECK(scales.numel() == 2, op, ": ", sname, " must hold 2 elements [s_re, s_im], got ", scales.numel());
+  LOWRANK_CHECK(scales.numel() == 2, op, ": ", sname, " must hold 2 elements [s_re, s_im], got ", scales.numel());
   check_same_device(op, packed, pname.c_str(), scales, sname.c_str());
 }
 
@@ -95,18 +95,18 @@ inline void check_packed_scales(const char* op, const Tensor& packed, const Tens
 // cannot tell in from the other values with the same ceil(in/4). W2A8 caps in at kMaxInt8In (int32 sums).
 inline LinearDims x_dims(const char* op, const Tensor& xr, const Tensor& xi, bool act_quant,
                          std::optional<int64_t> in_features) {
-  STD_TORCH_CHECK(xr.dim() >= 1, op, ": x_real must have at least 1 dimension (..., in), got a 0-D tensor");
+  LOWRANK_CHECK(xr.dim() >= 1, op, ": x_real must have at least 1 dimension (..., in), got a 0-D tensor");
   bool same_shape = xr.dim() == xi.dim();
   for (int64_t d = 0; same_shape && d < xr.dim(); ++d) same_shape = xr.size(d) == xi.size(d);
-  STD_TORCH_CHECK(same_shape, op, ": x_real and x_imag must have the same shape");
+  LOWRANK_CHECK(same_shape, op, ": x_real and x_imag must have the same shape");
   check_float_dtype(op, xr, "x_real");
   check_same_dtype(op, xr, "x_real", xi, "x_imag");
   check_same_device(op, xr, "x_real", xi, "x_imag");
   LinearDims d;
   d.in = xr.size(xr.dim() - 1);
-  STD_TORCH_CHECK(!in_features.has_value() || *in_features == d.in, op, ": in_features (",
+  LOWRANK_CHECK(!in_features.has_value() || *in_features == d.in, op, ": in_features (",
                   in_features.value_or(0), ") must equal x's last dimension (", d.in, ")");
-  STD_TORCH_CHECK(!act_quant || d.in <= kMaxInt8In, op, ": x's last dimension (", d.in, ") must be at most ",
+  LOWRANK_CHECK(!act_quant || d.in <= kMaxInt8In, op, ": x's last dimension (", d.in, ") must be at most ",
                   kMaxInt8In, " with act_quant=True (the exact int8 sums are int32)");
   d.T = 1;  // the leading dims' product (also when in = 0 and numel says nothing)
   for (int64_t k = 0; k + 1 < xr.dim(); ++k) d.T *= xr.size(k);
@@ -123,7 +123,7 @@ inline LinearDims weight_dims(const char* op, const LinearDims& x, const Tensor&
   LinearDims d = x;
   d.out = packed.size(0);
   d.nbytes = packed.size(1);
-  STD_TORCH_CHECK(d.nbytes == packed_width(d.in), op, ": ", pname, " must be (out, ceil(in/4)) = (out, ",
+  LOWRANK_CHECK(d.nbytes == packed_width(d.in), op, ": ", pname, " must be (out, ceil(in/4)) = (out, ",
                   packed_width(d.in), ") for in = x's last dimension (", d.in, "), got width ", d.nbytes);
   return d;
 }
@@ -136,7 +136,7 @@ inline LinearDims linear_dims(const char* op, const Tensor& xr, const Tensor& xi
 inline void check_quantize_inputs(const char* op, const Tensor& wr, const Tensor& wi) {
   check_dim(op, wr, "w_real", 2, "(out, in)");
   check_dim(op, wi, "w_imag", 2, "(out, in)");
-  STD_TORCH_CHECK(wr.size(0) == wi.size(0) && wr.size(1) == wi.size(1), op,
+  LOWRANK_CHECK(wr.size(0) == wi.size(0) && wr.size(1) == wi.size(1), op,
                   ": w_real and w_imag must have the same shape, got (", wr.size(0), ", ", wr.size(1), ") and (",
                   wi.size(0), ", ", wi.size(1), ")");
   check_float_dtype(op, wr, "w_real");
@@ -146,8 +146,8 @@ inline void check_quantize_inputs(const char* op, const Tensor& wr, const Tensor
 
 inline void check_dequantize_inputs(const char* op, const Tensor& packed, const Tensor& scales, int64_t in) {
   check_packed_scales(op, packed, scales);
-  STD_TORCH_CHECK(in >= 0, op, ": in_features must be >= 0, got ", in);
-  STD_TORCH_CHECK(packed.size(1) == packed_width(in), op, ": packed must be (out, ceil(in_features/4)) = (out, ",
+  LOWRANK_CHECK(in >= 0, op, ": in_features must be >= 0, got ", in);
+  LOWRANK_CHECK(packed.size(1) == packed_width(in), op, ": packed must be (out, ceil(in_features/4)) = (out, ",
                   packed_width(in), "), got width ", packed.size(1));
 }
 

@@ -29,6 +29,7 @@
 #include <type_traits>
 #include <vector>
 
+#include "common/op_boundary.h"
 #include "common/cpu_dispatch.h"
 #include "common/cpu_gemm.h"
 #include "ifairy/ifairy_common.h"
@@ -38,15 +39,15 @@ namespace lowrank {
 namespace ifairy {
 namespace {
 
-constexpr const char* kQuant = "lowrank.ifairy_quantize";
-constexpr const char* kDequant = "lowrank.ifairy_dequantize";
-constexpr const char* kLinear = "lowrank.ifairy_linear";
-constexpr const char* kMulti = "lowrank.ifairy_linear_multi";
+constexpr char kQuant[] = "lowrank.ifairy_quantize";
+constexpr char kDequant[] = "lowrank.ifairy_dequantize";
+constexpr char kLinear[] = "lowrank.ifairy_linear";
+constexpr char kMulti[] = "lowrank.ifairy_linear_multi";
 
 // ------------------------------------------------------------------------------------------ quantize
 std::tuple<Tensor, Tensor> quantize_cpu(Tensor w_real, Tensor w_imag) {
   check_quantize_inputs(kQuant, w_real, w_imag);
-  STD_TORCH_CHECK(w_real.is_cpu(), kQuant, ": the CPU kernel got a tensor on ", device_name(w_real));
+  LOWRANK_CHECK(w_real.is_cpu(), kQuant, ": the CPU kernel got a tensor on ", device_name(w_real));
   const Tensor wr = torch::stable::contiguous(w_real), wi = torch::stable::contiguous(w_imag);
   const int64_t out = wr.size(0), in = wr.size(1), nb = packed_width(in);
   Tensor packed = torch::stable::new_empty(wr, {out, nb}, ScalarType::Byte);
@@ -85,7 +86,7 @@ std::tuple<Tensor, Tensor> quantize_cpu(Tensor w_real, Tensor w_imag) {
   });
   // a NaN or Inf weight would give a NaN, Inf or silently clamped scale for the whole layer: refuse
   for (int64_t r = 0; r < out; ++r)
-    STD_TORCH_CHECK(!nonfinite[r], kQuant, ": w_real and w_imag must be finite, got a NaN or Inf in row ", r);
+    LOWRANK_CHECK(!nonfinite[r], kQuant, ": w_real and w_imag must be finite, got a NaN or Inf in row ", r);
   double sre = 0, sim = 0;
   int64_t cre = 0;
   for (int64_t r = 0; r < out; ++r) sre += sum_re[r], sim += sum_im[r], cre += cnt_re[r];
@@ -98,7 +99,7 @@ std::tuple<Tensor, Tensor> quantize_cpu(Tensor w_real, Tensor w_imag) {
 // ---------------------------------------------------------------------------------------- dequantize
 std::tuple<Tensor, Tensor> dequantize_cpu(Tensor packed, Tensor scales, int64_t in) {
   check_dequantize_inputs(kDequant, packed, scales, in);
-  STD_TORCH_CHECK(packed.is_cpu(), kDequant, ": the CPU kernel got a tensor on ", device_name(packed));
+  LOWRANK_CHECK(packed.is_cpu(), kDequant, ": the CPU kernel got a tensor on ", device_name(packed));
   const Tensor pk = torch::stable::contiguous(packed), sc = torch::stable::contiguous(scales);
   const int64_t out = pk.size(0), nb = pk.size(1);
   Tensor wr = torch::stable::new_empty(pk, {out, in}, ScalarType::Float);
@@ -497,7 +498,7 @@ Tensor empty_cpu_like(const char* op, const Tensor& x, const std::vector<int64_t
   AtenTensorHandle out = nullptr;
   const AOTITorchError err = aoti_torch_empty_strided(static_cast<int64_t>(shape.size()), shape.data(),
                                                       strides.data(), dtype, device_type, 0, &out);
-  STD_TORCH_CHECK(err == TORCH_SUCCESS, op, ": could not allocate an output of ", numel, " elements");
+  LOWRANK_CHECK(err == TORCH_SUCCESS, op, ": could not allocate an output of ", numel, " elements");
   return Tensor(out);
 }
 
@@ -549,7 +550,7 @@ Tensor contiguous_if_needed(const Tensor& t) { return t.is_contiguous() ? t : to
 std::tuple<Tensor, Tensor> linear_cpu(Tensor x_real, Tensor x_imag, Tensor packed, Tensor scales, bool act_quant,
                                       std::optional<int64_t> in_features) {
   const LinearDims d = linear_dims(kLinear, x_real, x_imag, packed, scales, act_quant, in_features);
-  STD_TORCH_CHECK(x_real.is_cpu(), kLinear, ": the CPU kernel got a tensor on ", device_name(x_real));
+  LOWRANK_CHECK(x_real.is_cpu(), kLinear, ": the CPU kernel got a tensor on ", device_name(x_real));
   const std::vector<Tensor> ys =
       run_linears(d, contiguous_if_needed(x_real), contiguous_if_needed(x_imag), {contiguous_if_needed(packed)},
                   {contiguous_if_needed(scales)}, {d}, act_quant);
@@ -559,9 +560,9 @@ std::tuple<Tensor, Tensor> linear_cpu(Tensor x_real, Tensor x_imag, Tensor packe
 std::vector<Tensor> linear_multi_cpu(Tensor x_real, Tensor x_imag, std::vector<Tensor> packed,
                                      std::vector<Tensor> scales, bool act_quant, std::optional<int64_t> in_features) {
   const LinearDims xd = x_dims(kMulti, x_real, x_imag, act_quant, in_features);
-  STD_TORCH_CHECK(packed.size() == scales.size(), kMulti, ": packed and scales must be lists of the same length, got ",
+  LOWRANK_CHECK(packed.size() == scales.size(), kMulti, ": packed and scales must be lists of the same length, got ",
                   packed.size(), " and ", scales.size());
-  STD_TORCH_CHECK(x_real.is_cpu(), kMulti, ": the CPU kernel got a tensor on ", device_name(x_real));
+  LOWRANK_CHECK(x_real.is_cpu(), kMulti, ": the CPU kernel got a tensor on ", device_name(x_real));
   std::vector<LinearDims> wd;
   for (size_t i = 0; i < packed.size(); ++i) {
     const std::string n = "[" + std::to_string(i) + "]";
@@ -577,8 +578,8 @@ std::vector<Tensor> linear_multi_cpu(Tensor x_real, Tensor x_imag, std::vector<T
 }  // namespace lowrank
 
 STABLE_TORCH_LIBRARY_IMPL(lowrank, CPU, m) {
-  m.impl("ifairy_quantize", TORCH_BOX(&lowrank::ifairy::quantize_cpu));
-  m.impl("ifairy_dequantize", TORCH_BOX(&lowrank::ifairy::dequantize_cpu));
-  m.impl("ifairy_linear", TORCH_BOX(&lowrank::ifairy::linear_cpu));
-  m.impl("ifairy_linear_multi", TORCH_BOX(&lowrank::ifairy::linear_multi_cpu));
+  m.impl("ifairy_quantize", LOWRANK_BOX(lowrank::ifairy::kQuant, lowrank::ifairy::quantize_cpu));
+  m.impl("ifairy_dequantize", LOWRANK_BOX(lowrank::ifairy::kDequant, lowrank::ifairy::dequantize_cpu));
+  m.impl("ifairy_linear", LOWRANK_BOX(lowrank::ifairy::kLinear, lowrank::ifairy::linear_cpu));
+  m.impl("ifairy_linear_multi", LOWRANK_BOX(lowrank::ifairy::kMulti, lowrank::ifairy::linear_multi_cpu));
 }

@@ -68,6 +68,7 @@
 #include <vector>
 
 #include "common/gemm_runner.cuh"
+#include "common/op_boundary.h"
 #include "common/strided_gemm.cuh"
 #include "common/transpose.cuh"
 #include "monarch/monarch_common.h"
@@ -76,13 +77,16 @@
 namespace lowrank {
 namespace {
 
+constexpr char kFwd[] = "lowrank.monarch_matmul";
+constexpr char kBwd[] = "lowrank.monarch_matmul_backward";
+
 using namespace cuda_glue;
 
 void check_sizes(const char* op, const MonarchDims& d) {
   const int64_t imax = std::numeric_limits<int32_t>::max();
-  STD_TORCH_CHECK(d.batch <= imax && d.n <= imax && d.mid <= imax && d.out <= imax, op,
-                  ": sizes beyond 2^31 - 1 are not supported by the CUDA kernel (batch=", d.batch, ", n=", d.n,
-                  ", k·q=", d.mid, ", l·s=", d.out, ")");
+  LOWRANK_CHECK(d.batch <= imax && d.n <= imax && d.mid <= imax && d.out <= imax, op,
+                ": x's rows and every width must stay below 2^31 on CUDA (got rows=", d.batch, ", n=", d.n,
+                ", k·q=", d.mid, ", l·s=", d.out, ")");
 }
 
 int elem_bytes(const Tensor& t) { return t.scalar_type() == ScalarType::Float ? 4 : 2; }
@@ -129,7 +133,7 @@ void step1(const char* op, const GemmRunner& R, const MonarchDims& d, const Tens
       return;
     }
     case F1Mode::kNatural: {
-      const Tensor y = torch::stable::new_empty(x, {d.batch, d.mid});
+      const Tensor y = lowrank::new_empty(x, {d.batch, d.mid});
       R.run(operand(x, d.p, d.n, 1), operand(w1, d.q * d.p, d.p, 1), output(y, d.q, d.mid, 1), d.batch, d.q, d.p,
             d.k);
       transpose_last2(op, y, mid, d.batch, d.r, d.l);  // z[b, c, a] = y[b, a·l + c]
@@ -193,49 +197,84 @@ bool try_fused_forward(const char* op, const MonarchDims& d, const Tensor& x, co
 }
 
 
+void forward_into(const char* op, const MonarchDims& d, const Tensor& xc, const Tensor& w1c, const Tensor& w2c,
+                  const Tensor& out);
+
+// One block per row (grid-stride): a row of x with a NaN or Inf gets NaN in every output that came out finite
+// (see monarch_dense_connected: only outputs that do not depend on the non-finite input can).
+template <typename T>
+__global__ void poison_nonfinite_rows_kernel(const T* __restrict__ x, T* __restrict__ out, int64_t batch, int64_t n,
+                                             int64_t n_out) {
+  for (int64_t b = blockIdx.x; b < batch; b += gridDim.x) {
+    int bad = 0;
+    for (int64_t i = threadIdx.x; i < n; i += blockDim.x) bad |= !isfinite(sgemm::to_f32<T>(x[b * n + i]));
+    if (!__syncthreads_or(bad)) continue;
+    for (int64_t o = threadIdx.x; o < n_out; o += blockDim.x)
+      if (isfinite(sgemm::to_f32<T>(out[b * n_out + o]))) out[b * n_out + o] = sgemm::from_f32<T>(__int_as_float(0x7fc00000));
+  }
+}
+
+void poison_nonfinite_rows(const char* op, const MonarchDims& d, const Tensor& xc, const Tensor& out) {
+  const int dev = xc.get_device_index();
+  const unsigned grid = static_cast<unsigned>(std::min<int64_t>(d.batch, int64_t(num_sms(dev)) * 8));
+  dispatch_cuda_float(op, xc.scalar_type(), [&](auto tag) {
+    using T = decltype(tag);
+    poison_nonfinite_rows_kernel<T><<<grid, 256, 0, current_stream(dev)>>>(
+        static_cast<const T*>(xc.const_data_ptr()), static_cast<T*>(out.mutable_data_ptr()), d.batch, d.n, d.out);
+  });
+  check_cuda(cudaGetLastError(), op, "non-finite row launch");
+}
+
 Tensor monarch_matmul_cuda(Tensor x, Tensor w1, Tensor w2) {
-  const char* op = "lowrank.monarch_matmul";
+  const char* op = kFwd;
   const MonarchDims d = monarch_dims(op, x, w1, w2);
-  STD_TORCH_CHECK(x.is_cuda(), op, ": expected CUDA tensors");
+  LOWRANK_CHECK(x.is_cuda(), op, ": expected CUDA tensors");
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
-  const Tensor xc = torch::stable::contiguous(x);
-  const Tensor w1c = torch::stable::contiguous(w1);
-  const Tensor w2c = torch::stable::contiguous(w2);
-  Tensor out = torch::stable::new_empty(xc, out_shape_like(x, d.out));
+  check_sizes(op, d);  // before any copy: an expanded x past 2^31 rows is refused, not copied
+  const Tensor xc = lowrank::contiguous(x, "x");
+  const Tensor w1c = lowrank::contiguous(w1, "w1");
+  const Tensor w2c = lowrank::contiguous(w2, "w2");
+  Tensor out = lowrank::new_empty(xc, out_shape_like(x, d.out));
   if (d.batch == 0) return out;
-  check_sizes(op, d);
-  if (fused_allowed(d) && try_fused_forward(op, d, xc, w1c, w2c, out)) return out;
+  forward_into(op, d, xc, w1c, w2c, out);
+  if (!monarch_dense_connected(d)) poison_nonfinite_rows(op, d, xc, out);
+  return out;
+}
+
+void forward_into(const char* op, const MonarchDims& d, const Tensor& xc, const Tensor& w1c, const Tensor& w2c,
+                  const Tensor& out) {
+  if (fused_allowed(d) && try_fused_forward(op, d, xc, w1c, w2c, out)) return;
   const GemmRunner R = make_runner(op, xc);
-  const Tensor mid = torch::stable::new_empty(xc, {d.batch, d.mid});
+  const Tensor mid = lowrank::new_empty(xc, {d.batch, d.mid});
   step1(op, R, d, xc, w1c, mid);
   // F2: out[b, d·l + c] = Σ_a w2[c, d, a] · z[b, c, a]
   if (cublas_gemm::enabled()) {  // u (B, l, s) on cuBLAS, then the interleave as one transpose
-    const Tensor u = torch::stable::new_empty(xc, {d.batch, d.out});
+    const Tensor u = lowrank::new_empty(xc, {d.batch, d.out});
     R.run(operand(mid, d.r, d.mid, 1), operand(w2c, d.s * d.r, d.r, 1), output(u, d.s, d.out, 1), d.batch, d.s,
           d.r, d.l);
     transpose_last2(op, u, out, d.batch, d.l, d.s);
-    return out;
+    return;
   }
   R.run(operand(mid, d.r, d.mid, 1), operand(w2c, d.s * d.r, d.r, 1), output(out, 1, d.out, d.l), d.batch, d.s,
         d.r, d.l);
-  return out;
 }
 
 std::tuple<Tensor, Tensor, Tensor> monarch_matmul_backward_cuda(Tensor grad_out, Tensor x, Tensor w1, Tensor w2,
                                                                 bool need_grad_x, bool need_grad_w) {
-  const char* op = "lowrank.monarch_matmul_backward";
+  const char* op = kBwd;
   const MonarchDims d = monarch_dims(op, x, w1, w2);
-  STD_TORCH_CHECK(x.is_cuda(), op, ": expected CUDA tensors");
+  LOWRANK_CHECK(x.is_cuda(), op, ": expected CUDA tensors");
   check_grad_out(op, grad_out, x, d.out);
+  check_sizes(op, d);
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
-  const Tensor xc = torch::stable::contiguous(x);
-  const Tensor w1c = torch::stable::contiguous(w1);
-  const Tensor w2c = torch::stable::contiguous(w2);
-  const Tensor g = torch::stable::contiguous(grad_out);
+  const Tensor xc = lowrank::contiguous(x, "x");
+  const Tensor w1c = lowrank::contiguous(w1, "w1");
+  const Tensor w2c = lowrank::contiguous(w2, "w2");
+  const Tensor g = lowrank::contiguous(grad_out, "grad_out");
 
-  Tensor dx = need_grad_x ? torch::stable::new_empty(xc, x.sizes()) : torch::stable::new_empty(xc, {0});
-  Tensor dw1 = need_grad_w ? torch::stable::new_empty(w1c, w1.sizes()) : torch::stable::new_empty(w1c, {0});
-  Tensor dw2 = need_grad_w ? torch::stable::new_empty(w2c, w2.sizes()) : torch::stable::new_empty(w2c, {0});
+  Tensor dx = need_grad_x ? lowrank::new_empty(xc, x.sizes()) : lowrank::new_empty(xc, {0});
+  Tensor dw1 = need_grad_w ? lowrank::new_empty(w1c, w1.sizes()) : lowrank::new_empty(w1c, {0});
+  Tensor dw2 = need_grad_w ? lowrank::new_empty(w2c, w2.sizes()) : lowrank::new_empty(w2c, {0});
   if (!need_grad_x && !need_grad_w) return {dx, dw1, dw2};
   if (d.batch == 0) {
     if (need_grad_w) {
@@ -244,22 +283,21 @@ std::tuple<Tensor, Tensor, Tensor> monarch_matmul_backward_cuda(Tensor grad_out,
     }
     return {dx, dw1, dw2};
   }
-  check_sizes(op, d);
   const GemmRunner R = make_runner(op, xc);
 
   // gu[b, c, d] = g[b, d·l + c], one contiguous copy so that G1 and G2 load it with 16-byte cp.async
   // instead of a stride-l scalar gather on the backward's two big reads.
   Tensor gu = g;
   if (cublas_gemm::enabled()) {
-    gu = torch::stable::new_empty(xc, {d.batch, d.out});
+    gu = lowrank::new_empty(xc, {d.batch, d.out});
     transpose_last2(op, g, gu, d.batch, d.s, d.l);
   } else {
-    gu = torch::stable::contiguous(torch::stable::transpose(torch::stable::view(g, {d.batch, d.s, d.l}), 1, 2));
+    gu = lowrank::contiguous(torch::stable::transpose(torch::stable::view(g, {d.batch, d.s, d.l}), 1, 2), "grad_out");
   }
   // G1: dy[b, a·l + c] = Σ_d gu[b, c, d] · w2[c, d, a]   (dy natural (B, N), input dtype)
-  const Tensor dy = torch::stable::new_empty(xc, {d.batch, d.mid});
+  const Tensor dy = lowrank::new_empty(xc, {d.batch, d.mid});
   if (cublas_gemm::enabled()) {  // dz (B, l, r) on cuBLAS, then one transpose to dy
-    const Tensor dz = torch::stable::new_empty(xc, {d.batch, d.mid});
+    const Tensor dz = lowrank::new_empty(xc, {d.batch, d.mid});
     R.run(operand(gu, d.s, d.out, 1), operand(w2c, d.s * d.r, 1, d.r), output(dz, d.r, d.mid, 1), d.batch, d.r,
           d.s, d.l);
     transpose_last2(op, dz, dy, d.batch, d.l, d.r);
@@ -274,7 +312,7 @@ std::tuple<Tensor, Tensor, Tensor> monarch_matmul_backward_cuda(Tensor grad_out,
           d.k);
   }
   if (need_grad_w) {
-    const Tensor mid = torch::stable::new_empty(xc, {d.batch, d.mid});
+    const Tensor mid = lowrank::new_empty(xc, {d.batch, d.mid});
     step1(op, R, d, xc, w1c, mid);
     // G2: dw2[c, d, a] = Σ_b gu[b, c, d] · z[b, c, a]
     R.run(operand(gu, d.s, 1, d.out), operand(mid, d.r, 1, d.mid), output(dw2, d.s * d.r, d.r, 1), d.s, d.r,
@@ -290,6 +328,6 @@ std::tuple<Tensor, Tensor, Tensor> monarch_matmul_backward_cuda(Tensor grad_out,
 }  // namespace lowrank
 
 STABLE_TORCH_LIBRARY_IMPL(lowrank, CUDA, m) {
-  m.impl("monarch_matmul", TORCH_BOX(&lowrank::monarch_matmul_cuda));
-  m.impl("monarch_matmul_backward", TORCH_BOX(&lowrank::monarch_matmul_backward_cuda));
+  m.impl("monarch_matmul", LOWRANK_BOX(lowrank::kFwd, lowrank::monarch_matmul_cuda));
+  m.impl("monarch_matmul_backward", LOWRANK_BOX(lowrank::kBwd, lowrank::monarch_matmul_backward_cuda));
 }

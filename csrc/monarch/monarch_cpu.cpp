@@ -11,21 +11,23 @@
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 
+#include <cmath>
 #include <map>
 #include <mutex>
 #include <vector>
 
 #include "common/cpu_dispatch.h"
 #include "common/cpu_gemm.h"
+#include "common/op_boundary.h"
 #include "monarch/monarch_common.h"
 
 namespace lowrank {
 namespace {
 
-constexpr const char* kFwd = "lowrank.monarch_matmul";
-constexpr const char* kBwd = "lowrank.monarch_matmul_backward";
-constexpr const char* kFwdSave = "lowrank.monarch_matmul_forward_saving";
-constexpr const char* kBwdSaved = "lowrank.monarch_matmul_backward_saved";
+constexpr char kFwd[] = "lowrank.monarch_matmul";
+constexpr char kBwd[] = "lowrank.monarch_matmul_backward";
+constexpr char kFwdSave[] = "lowrank.monarch_matmul_forward_saving";
+constexpr char kBwdSaved[] = "lowrank.monarch_matmul_backward_saved";
 
 
 // y = BD(w1)·x in the natural (B, N) layout: y[b, i·q + j] = Σ_t w1[i,j,t]·x[b, i·p + t].
@@ -180,7 +182,7 @@ void forward(const MonarchDims& d, const T* x, const T* w1, const T* w2, T* out,
   Tensor mid_t;
   Acc* mid = mid_out;
   if (mid == nullptr) {
-    mid_t = torch::stable::empty({d.batch, d.mid}, acc_scalar_type<Acc>());
+    mid_t = lowrank::empty({d.batch, d.mid}, acc_scalar_type<Acc>());
     mid = static_cast<Acc*>(mid_t.data_ptr());
   }
   factor1<Acc>(d, x, w1, mid);
@@ -196,7 +198,7 @@ void backward(const MonarchDims& d, const T* g, const T* x, const T* w1, const T
   using Acc = acc_t<T>;
   if (fits_fused<Acc>(d)) return backward_fused<Acc>(d, g, x, w1, w2, mid_saved, dx, dw1, dw2);
   const int64_t B = d.batch, N = d.mid, m = d.out, l = d.l;
-  auto dy_t = torch::stable::empty({B, N}, acc_scalar_type<Acc>());
+  auto dy_t = lowrank::empty({B, N}, acc_scalar_type<Acc>());
   Acc* dy = static_cast<Acc*>(dy_t.data_ptr());
   // dy[b, a·l + c] = Σ_d g[b, d·l + c] · w2[c,d,a]
   strided_batched_gemm<Acc, T, T, Acc>(l, B, d.r, d.s, operand<const T>(g, 1, m, l),
@@ -205,7 +207,7 @@ void backward(const MonarchDims& d, const T* g, const T* x, const T* w1, const T
     Tensor mid_t;
     const Acc* mid = mid_saved;
     if (mid == nullptr) {
-      mid_t = torch::stable::empty({B, N}, acc_scalar_type<Acc>());
+      mid_t = lowrank::empty({B, N}, acc_scalar_type<Acc>());
       factor1<Acc>(d, x, w1, static_cast<Acc*>(mid_t.data_ptr()));
       mid = static_cast<const Acc*>(mid_t.data_ptr());
     }
@@ -223,18 +225,34 @@ void backward(const MonarchDims& d, const T* g, const T* x, const T* w1, const T
   }
 }
 
+// Rows of x (batch, n) with a NaN or Inf get NaN in every output that came out finite (see
+// monarch_dense_connected: only outputs that do not depend on the non-finite input can).
+template <typename T>
+void poison_nonfinite_rows(const MonarchDims& d, const T* x, T* out) {
+  torch::stable::parallel_for(0, d.batch, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t b = begin; b < end; ++b) {
+      bool finite = true;
+      for (int64_t i = 0; i < d.n; ++i) finite &= is_finite_value(x[b * d.n + i]);
+      if (finite) continue;
+      for (int64_t o = 0; o < d.out; ++o)
+        if (is_finite_value(out[b * d.out + o])) out[b * d.out + o] = static_cast<T>(NAN);
+    }
+  });
+}
+
 Tensor monarch_matmul_cpu(Tensor x, Tensor w1, Tensor w2) {
   const MonarchDims d = monarch_dims(kFwd, x, w1, w2);
-  STD_TORCH_CHECK(x.is_cpu(), kFwd, ": the CPU kernel got a tensor on ", device_name(x));
-  x = torch::stable::contiguous(x);
-  w1 = torch::stable::contiguous(w1);
-  w2 = torch::stable::contiguous(w2);
-  Tensor out = torch::stable::new_empty(x, out_shape_like(x, d.out));
+  LOWRANK_CHECK(x.is_cpu(), kFwd, ": the CPU kernel got a tensor on ", device_name(x));
+  x = lowrank::contiguous(x, "x");
+  w1 = lowrank::contiguous(w1, "w1");
+  w2 = lowrank::contiguous(w2, "w2");
+  Tensor out = lowrank::new_empty(x, out_shape_like(x, d.out));
   if (d.batch == 0) return out;
   dispatch_float(x.scalar_type(), kFwd, [&](auto tag) {
     using T = decltype(tag);
     forward<T>(d, static_cast<const T*>(x.data_ptr()), static_cast<const T*>(w1.data_ptr()),
                static_cast<const T*>(w2.data_ptr()), static_cast<T*>(out.data_ptr()), nullptr);
+    if (!monarch_dense_connected(d)) poison_nonfinite_rows(d, static_cast<const T*>(x.data_ptr()), static_cast<T*>(out.data_ptr()));
   });
   return out;
 }
@@ -242,19 +260,20 @@ Tensor monarch_matmul_cpu(Tensor x, Tensor w1, Tensor w2) {
 // monarch_matmul's output and the middle activation y (x's leading dims, k·q) in the accumulation dtype.
 std::tuple<Tensor, Tensor> monarch_matmul_forward_saving_cpu(Tensor x, Tensor w1, Tensor w2) {
   const MonarchDims d = monarch_dims(kFwdSave, x, w1, w2);
-  STD_TORCH_CHECK(x.is_cpu(), kFwdSave, ": only the CPU keeps the middle activation; got a tensor on ",
+  LOWRANK_CHECK(x.is_cpu(), kFwdSave, ": only the CPU keeps the middle activation; got a tensor on ",
                   device_name(x), " (use monarch_matmul, whose backward recomputes it)");
-  x = torch::stable::contiguous(x);
-  w1 = torch::stable::contiguous(w1);
-  w2 = torch::stable::contiguous(w2);
-  Tensor out = torch::stable::new_empty(x, out_shape_like(x, d.out));
-  Tensor mid = torch::stable::new_empty(x, out_shape_like(x, d.mid), companion_type(x.scalar_type()));
+  x = lowrank::contiguous(x, "x");
+  w1 = lowrank::contiguous(w1, "w1");
+  w2 = lowrank::contiguous(w2, "w2");
+  Tensor out = lowrank::new_empty(x, out_shape_like(x, d.out));
+  Tensor mid = lowrank::new_empty(x, out_shape_like(x, d.mid), companion_type(x.scalar_type()));
   if (d.batch == 0) return {out, mid};
   dispatch_float(x.scalar_type(), kFwdSave, [&](auto tag) {
     using T = decltype(tag);
     forward<T>(d, static_cast<const T*>(x.data_ptr()), static_cast<const T*>(w1.data_ptr()),
                static_cast<const T*>(w2.data_ptr()), static_cast<T*>(out.data_ptr()),
                static_cast<acc_t<T>*>(mid.data_ptr()));
+    if (!monarch_dense_connected(d)) poison_nonfinite_rows(d, static_cast<const T*>(x.data_ptr()), static_cast<T*>(out.data_ptr()));
   });
   return {out, mid};
 }
@@ -268,18 +287,18 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const char* op, Tensor grad_out
   if (mid != nullptr) {
     check_companion_dtype(op, *mid, "mid", x, "x");
     check_same_device(op, *mid, "mid", x, "x");
-    STD_TORCH_CHECK(has_shape_like(*mid, x, d.mid), op, ": mid must have shape (x's leading dims, k·q = ", d.mid,
+    LOWRANK_CHECK(has_shape_like(*mid, x, d.mid), op, ": mid must have shape (x's leading dims, k·q = ", d.mid,
                     "), the middle activation monarch_matmul_forward_saving returned");
-    mid_c = torch::stable::contiguous(*mid);
+    mid_c = lowrank::contiguous(*mid, "mid");
   }
-  STD_TORCH_CHECK(x.is_cpu(), op, ": the CPU kernel got a tensor on ", device_name(x));
-  grad_out = torch::stable::contiguous(grad_out);
-  x = torch::stable::contiguous(x);
-  w1 = torch::stable::contiguous(w1);
-  w2 = torch::stable::contiguous(w2);
-  Tensor dx = need_grad_x ? torch::stable::new_empty(x, x.sizes()) : torch::stable::new_empty(x, {0});
-  Tensor dw1 = need_grad_w ? torch::stable::new_empty(w1, w1.sizes()) : torch::stable::new_empty(w1, {0});
-  Tensor dw2 = need_grad_w ? torch::stable::new_empty(w2, w2.sizes()) : torch::stable::new_empty(w2, {0});
+  LOWRANK_CHECK(x.is_cpu(), op, ": the CPU kernel got a tensor on ", device_name(x));
+  grad_out = lowrank::contiguous(grad_out, "grad_out");
+  x = lowrank::contiguous(x, "x");
+  w1 = lowrank::contiguous(w1, "w1");
+  w2 = lowrank::contiguous(w2, "w2");
+  Tensor dx = need_grad_x ? lowrank::new_empty(x, x.sizes()) : lowrank::new_empty(x, {0});
+  Tensor dw1 = need_grad_w ? lowrank::new_empty(w1, w1.sizes()) : lowrank::new_empty(w1, {0});
+  Tensor dw2 = need_grad_w ? lowrank::new_empty(w2, w2.sizes()) : lowrank::new_empty(w2, {0});
   if (need_grad_w && d.batch == 0) {  // a sum over no rows
     torch::stable::zero_(dw1);
     torch::stable::zero_(dw2);
@@ -310,8 +329,8 @@ std::tuple<Tensor, Tensor, Tensor> monarch_matmul_backward_saved_cpu(Tensor grad
 }  // namespace lowrank
 
 STABLE_TORCH_LIBRARY_IMPL(lowrank, CPU, m) {
-  m.impl("monarch_matmul", TORCH_BOX(&lowrank::monarch_matmul_cpu));
-  m.impl("monarch_matmul_backward", TORCH_BOX(&lowrank::monarch_matmul_backward_cpu));
-  m.impl("monarch_matmul_forward_saving", TORCH_BOX(&lowrank::monarch_matmul_forward_saving_cpu));
-  m.impl("monarch_matmul_backward_saved", TORCH_BOX(&lowrank::monarch_matmul_backward_saved_cpu));
+  m.impl("monarch_matmul", LOWRANK_BOX(lowrank::kFwd, lowrank::monarch_matmul_cpu));
+  m.impl("monarch_matmul_backward", LOWRANK_BOX(lowrank::kBwd, lowrank::monarch_matmul_backward_cpu));
+  m.impl("monarch_matmul_forward_saving", LOWRANK_BOX(lowrank::kFwdSave, lowrank::monarch_matmul_forward_saving_cpu));
+  m.impl("monarch_matmul_backward_saved", LOWRANK_BOX(lowrank::kBwdSaved, lowrank::monarch_matmul_backward_saved_cpu));
 }

@@ -17,6 +17,7 @@
 #include <cstdint>
 
 #include "common/cuda_dispatch.cuh"
+#include "common/op_boundary.h"
 #include "projection/state8bit.h"
 
 namespace lowrank {
@@ -77,7 +78,7 @@ __global__ void __launch_bounds__(kThreads) adam8_kernel(int8_t* __restrict__ mq
 Tensor adam_lowrank_8bit_cuda(Tensor exp_avg, Tensor exp_avg_absmax, Tensor exp_avg_sq, Tensor exp_avg_sq_absmax,
                               Tensor R, double beta1, double beta2, double eps) {
   check_adam8_args(exp_avg, exp_avg_absmax, exp_avg_sq, exp_avg_sq_absmax, R);
-  STD_TORCH_CHECK(R.is_cuda(), kAdam8Op, ": the CUDA kernel got a tensor on ", device_name(R));
+  LOWRANK_CHECK(R.is_cuda(), kAdam8Op, ": the CUDA kernel got a tensor on ", device_name(R));
   torch::stable::accelerator::DeviceGuard guard(R.get_device_index());
   R = torch::stable::contiguous(R);
   Tensor N = torch::stable::new_empty(R, R.sizes());
@@ -100,5 +101,5 @@ Tensor adam_lowrank_8bit_cuda(Tensor exp_avg, Tensor exp_avg_absmax, Tensor exp_
 }  // namespace lowrank
 
 STABLE_TORCH_LIBRARY_IMPL(lowrank, CUDA, m) {
-  m.impl("adam_lowrank_8bit_", TORCH_BOX(&lowrank::adam_lowrank_8bit_cuda));
+  m.impl("adam_lowrank_8bit_", LOWRANK_BOX(lowrank::kAdam8Op, lowrank::adam_lowrank_8bit_cuda));
 }

@@ -10,6 +10,7 @@
 #include <cmath>
 #include <cstring>
 
+#include "common/op_boundary.h"
 #include "projection/state8bit.h"
 
 namespace lowrank {
@@ -77,7 +78,7 @@ void adam8_block(int8_t* __restrict mq, uint8_t* __restrict vq, float* __restric
 Tensor adam_lowrank_8bit_cpu(Tensor exp_avg, Tensor exp_avg_absmax, Tensor exp_avg_sq, Tensor exp_avg_sq_absmax,
                              Tensor R, double beta1, double beta2, double eps) {
   check_adam8_args(exp_avg, exp_avg_absmax, exp_avg_sq, exp_avg_sq_absmax, R);
-  STD_TORCH_CHECK(R.is_cpu(), kAdam8Op, ": the CPU kernel got a tensor on ", device_name(R));
+  LOWRANK_CHECK(R.is_cpu(), kAdam8Op, ": the CPU kernel got a tensor on ", device_name(R));
   R = torch::stable::contiguous(R);
   Tensor N = torch::stable::new_empty(R, R.sizes());
   const int64_t numel = R.numel(), blocks = state8_blocks(numel);
@@ -105,5 +106,5 @@ Tensor adam_lowrank_8bit_cpu(Tensor exp_avg, Tensor exp_avg_absmax, Tensor exp_a
 }  // namespace lowrank
 
 STABLE_TORCH_LIBRARY_IMPL(lowrank, CPU, m) {
-  m.impl("adam_lowrank_8bit_", TORCH_BOX(&lowrank::adam_lowrank_8bit_cpu));
+  m.impl("adam_lowrank_8bit_", LOWRANK_BOX(lowrank::kAdam8Op, lowrank::adam_lowrank_8bit_cpu));
 }

@@ -47,6 +47,7 @@
 #include <vector>
 
 #include "common/gemm_runner.cuh"
+#include "common/op_boundary.h"
 #include "projection/projection_common.h"
 
 namespace lowrank {
@@ -486,14 +487,15 @@ __global__ void reduce_splits_kernel(const float* __restrict__ ws, float* __rest
   }
 }
 
-// scores[c] = Σ_mt partial[mt·N + c], in m-tile order.
+// scores[c] = Σ_mt partial[mt·N + c], in m-tile order, summed in fp64: up to 2^31 / kBM partials of similar
+// size, where an fp32 running sum drifts by percents.
 __global__ void reduce_partials_kernel(const float* __restrict__ partial, float* __restrict__ scores, int m_tiles,
                                        int N) {
   for (int64_t c = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; c < N;
        c += static_cast<int64_t>(gridDim.x) * blockDim.x) {
-    float s = 0.f;
-    for (int t = 0; t < m_tiles; ++t) s += partial[t * static_cast<int64_t>(N) + c];
-    scores[c] = s;
+    double s = 0.0;
+    for (int t = 0; t < m_tiles; ++t) s += static_cast<double>(partial[t * static_cast<int64_t>(N) + c]);
+    scores[c] = static_cast<float>(s);
   }
 }
 
@@ -531,8 +533,8 @@ int grid_for(int64_t n, int sms) {
 
 void check_dims(const char* op, int64_t M, int64_t N, int64_t K) {
   const int64_t imax = std::numeric_limits<int32_t>::max();
-  STD_TORCH_CHECK(M <= imax - kBM && N <= imax - kBN && K <= imax - kBK, op,
-                  ": a GEMM dimension exceeds 2^31 (M=", M, ", N=", N, ", K=", K, ")");
+  LOWRANK_CHECK(M <= imax - kBM && N <= imax - kBN && K <= imax - kBK, op,
+                ": every GEMM dimension must stay below 2^31 on CUDA (got M=", M, ", N=", N, ", K=", K, ")");
 }
 
 bool fp32_on_tensor_cores() {
@@ -546,7 +548,8 @@ bool fp32_on_tensor_cores() {
 template <typename TA, int kEpi, typename TW = float, typename TG = void>
 void launch_gemm(const char* op, const GemmArgs& p, const EpiArgs& e, int splits, cudaStream_t stream) {
   const int64_t n_tiles = (p.N + kBN - 1) / kBN, m_tiles = (p.M + kBM - 1) / kBM;
-  STD_TORCH_CHECK(m_tiles <= 65535 && splits <= 65535, op, ": too many row tiles (", m_tiles, ") for the grid");
+  LOWRANK_CHECK(m_tiles <= 65535 && splits <= 65535, op, ": the GEMM's rows must be at most 65535·", kBM,
+                " on CUDA (got ", p.M, " rows: G's rows, or its columns for a left projection)");
   const dim3 grid(static_cast<unsigned>(n_tiles), static_cast<unsigned>(m_tiles), static_cast<unsigned>(splits));
   constexpr bool kHasFp32Tc = (kEpi == kEpiProject && std::is_same<TA, float>::value) ||
                               (kEpi == kEpiUpdate && std::is_same<TW, float>::value);
@@ -562,12 +565,12 @@ const float* fptr(const Tensor& t) { return static_cast<const float*>(t.const_da
 // ------------------------------------------------------------------------------------------------ ops
 std::tuple<Tensor, Tensor> galore_project_cuda(Tensor G, Tensor P, bool left, bool want_sqnorms) {
   const ProjDims d = projection_dims(kProjectOp, G, "G", P, left);
-  STD_TORCH_CHECK(G.is_cuda(), kProjectOp, ": the CUDA kernel got a tensor on ", device_name(G));
+  LOWRANK_CHECK(G.is_cuda(), kProjectOp, ": the CUDA kernel got a tensor on ", device_name(G));
   torch::stable::accelerator::DeviceGuard guard(G.get_device_index());
-  P = torch::stable::contiguous(P);
-  Tensor R = torch::stable::new_empty(G, left ? std::vector<int64_t>{d.r, d.n} : std::vector<int64_t>{d.m, d.r},
+  P = lowrank::contiguous(P, "P");
+  Tensor R = lowrank::new_empty(G, left ? std::vector<int64_t>{d.r, d.n} : std::vector<int64_t>{d.m, d.r},
                                       ScalarType::Float);
-  Tensor sq = torch::stable::new_empty(G, {want_sqnorms ? (left ? d.n : d.m) : 0}, ScalarType::Float);
+  Tensor sq = lowrank::new_empty(G, {want_sqnorms ? (left ? d.n : d.m) : 0}, ScalarType::Float);
   // rows of A: G's rows (right) / columns (left)
   const int64_t M = left ? d.n : d.m, N = d.r, K = left ? d.m : d.n;
   if (M == 0) return {R, sq};
@@ -599,11 +602,11 @@ std::tuple<Tensor, Tensor> galore_project_cuda(Tensor G, Tensor P, bool left, bo
     e.o_cs = left ? d.n : 1;
     e.sq = want_sqnorms ? static_cast<float*>(sq.mutable_data_ptr()) : nullptr;
   } else {
-    ws = torch::stable::new_empty(G, {splits * M * N}, ScalarType::Float);
+    ws = lowrank::new_empty(G, {splits * M * N}, ScalarType::Float);
     e.out = static_cast<float*>(ws.mutable_data_ptr());
     e.o_rs = N, e.o_cs = 1, e.split_stride = M * N;
     if (want_sqnorms) {
-      sq_ws = torch::stable::new_empty(G, {splits * M}, ScalarType::Float);
+      sq_ws = lowrank::new_empty(G, {splits * M}, ScalarType::Float);
       e.sq = static_cast<float*>(sq_ws.mutable_data_ptr());
       e.sq_split_stride = M;
     }
@@ -624,10 +627,10 @@ std::tuple<Tensor, Tensor> galore_project_cuda(Tensor G, Tensor P, bool left, bo
 
 Tensor adam_lowrank_cuda(Tensor exp_avg, Tensor exp_avg_sq, Tensor R, double beta1, double beta2, double eps) {
   check_adam_args(exp_avg, exp_avg_sq, R);
-  STD_TORCH_CHECK(R.is_cuda(), kAdamOp, ": the CUDA kernel got a tensor on ", device_name(R));
+  LOWRANK_CHECK(R.is_cuda(), kAdamOp, ": the CUDA kernel got a tensor on ", device_name(R));
   torch::stable::accelerator::DeviceGuard guard(R.get_device_index());
-  R = torch::stable::contiguous(R);
-  Tensor N = torch::stable::new_empty(R, R.sizes());
+  R = lowrank::contiguous(R, "R");
+  Tensor N = lowrank::new_empty(R, R.sizes());
   const int64_t n = R.numel();
   if (n == 0) return N;
   const int dev = R.get_device_index();
@@ -642,12 +645,12 @@ Tensor adam_lowrank_cuda(Tensor exp_avg, Tensor exp_avg_sq, Tensor R, double bet
 void galore_update_cuda(Tensor W, Tensor M, Tensor P, bool left, double decay, std::optional<Tensor> G,
                         std::optional<Tensor> residual_scale) {
   const ProjDims d = check_update_args(W, M, P, left, G, residual_scale);
-  STD_TORCH_CHECK(W.is_cuda(), kUpdateOp, ": the CUDA kernel got a tensor on ", device_name(W));
+  LOWRANK_CHECK(W.is_cuda(), kUpdateOp, ": the CUDA kernel got a tensor on ", device_name(W));
   if (d.m == 0 || d.n == 0) return;
   torch::stable::accelerator::DeviceGuard guard(W.get_device_index());
-  M = torch::stable::contiguous(M), P = torch::stable::contiguous(P);
+  M = lowrank::contiguous(M, "M"), P = lowrank::contiguous(P, "P");
   Tensor Gc, sc;
-  if (G.has_value()) Gc = torch::stable::contiguous(*G), sc = torch::stable::contiguous(*residual_scale);
+  if (G.has_value()) Gc = lowrank::contiguous(*G, "G"), sc = lowrank::contiguous(*residual_scale, "residual_scale");
   check_dims(kUpdateOp, d.m, d.n, d.r);
   const int dev = W.get_device_index();
   GemmArgs p;
@@ -681,10 +684,10 @@ void galore_update_cuda(Tensor W, Tensor M, Tensor P, bool left, double decay, s
 
 void dct_basis_cuda(Tensor Q) {
   check_dct_args(Q);
-  STD_TORCH_CHECK(Q.is_cuda(), kDctOp, ": the CUDA kernel got a tensor on ", device_name(Q));
+  LOWRANK_CHECK(Q.is_cuda(), kDctOp, ": the CUDA kernel got a tensor on ", device_name(Q));
   const int64_t n = Q.size(0);
   if (n == 0) return;
-  STD_TORCH_CHECK(n < (int64_t(1) << 30), kDctOp, ": n = ", n, " is too large");
+  LOWRANK_CHECK(n < (int64_t(1) << 30), kDctOp, ": n = ", n, " is too large");
   torch::stable::accelerator::DeviceGuard guard(Q.get_device_index());
   const int dev = Q.get_device_index();
   const int grid = grid_for(n * n, num_sms(dev));
@@ -698,10 +701,10 @@ void dct_basis_cuda(Tensor Q) {
 
 Tensor basis_scores_cuda(Tensor G, Tensor Q, bool left) {
   const int64_t k = check_scores_args(G, Q, left);
-  STD_TORCH_CHECK(G.is_cuda(), kScoresOp, ": the CUDA kernel got a tensor on ", device_name(G));
+  LOWRANK_CHECK(G.is_cuda(), kScoresOp, ": the CUDA kernel got a tensor on ", device_name(G));
   torch::stable::accelerator::DeviceGuard guard(G.get_device_index());
-  Q = torch::stable::contiguous(Q);
-  Tensor scores = torch::stable::new_empty(G, {k}, ScalarType::Float);
+  Q = lowrank::contiguous(Q, "Q");
+  Tensor scores = lowrank::new_empty(G, {k}, ScalarType::Float);
   if (k == 0) return scores;
   const int64_t rows = left ? G.size(1) : G.size(0);
   if (rows == 0) {
@@ -713,7 +716,7 @@ Tensor basis_scores_cuda(Tensor G, Tensor Q, bool left) {
   const int sms = num_sms(dev);
   const cudaStream_t stream = current_stream(dev);
   const int64_t m_tiles = (rows + kBM - 1) / kBM;
-  Tensor partial = torch::stable::new_empty(G, {m_tiles * k}, ScalarType::Float);
+  Tensor partial = lowrank::new_empty(G, {m_tiles * k}, ScalarType::Float);
   GemmArgs p;
   p.a = G.const_data_ptr();
   p.a_rs = left ? G.stride(1) : G.stride(0);
@@ -738,9 +741,9 @@ Tensor basis_scores_cuda(Tensor G, Tensor Q, bool left) {
 }  // namespace lowrank
 
 STABLE_TORCH_LIBRARY_IMPL(lowrank, CUDA, m) {
-  m.impl("galore_project", TORCH_BOX(&lowrank::galore_project_cuda));
-  m.impl("adam_lowrank_", TORCH_BOX(&lowrank::adam_lowrank_cuda));
-  m.impl("galore_update_", TORCH_BOX(&lowrank::galore_update_cuda));
-  m.impl("dct_basis_", TORCH_BOX(&lowrank::dct_basis_cuda));
-  m.impl("basis_scores", TORCH_BOX(&lowrank::basis_scores_cuda));
+  m.impl("galore_project", LOWRANK_BOX(lowrank::kProjectOp, lowrank::galore_project_cuda));
+  m.impl("adam_lowrank_", LOWRANK_BOX(lowrank::kAdamOp, lowrank::adam_lowrank_cuda));
+  m.impl("galore_update_", LOWRANK_BOX(lowrank::kUpdateOp, lowrank::galore_update_cuda));
+  m.impl("dct_basis_", LOWRANK_BOX(lowrank::kDctOp, lowrank::dct_basis_cuda));
+  m.impl("basis_scores", LOWRANK_BOX(lowrank::kScoresOp, lowrank::basis_scores_cuda));
 }

@@ -19,12 +19,12 @@
 
 #include "common/cpu_dispatch.h"
 #include "common/cpu_gemm.h"
+#include "common/op_boundary.h"
 #include "projection/projection_common.h"
 
 namespace lowrank {
 namespace {
 
-Tensor contiguous_of(const Tensor& t) { return torch::stable::contiguous(t); }
 
 template <typename T>
 T* ptr_of(const Tensor& t) {
@@ -89,11 +89,11 @@ void gemm_rows_with_sqnorms(int64_t rows, int64_t N, int64_t K, Operand<const T>
 
 std::tuple<Tensor, Tensor> galore_project_cpu(Tensor G, Tensor P, bool left, bool want_sqnorms) {
   const ProjDims d = projection_dims(kProjectOp, G, "G", P, left);
-  STD_TORCH_CHECK(G.is_cpu(), kProjectOp, ": the CPU kernel got a tensor on ", device_name(G));
-  P = contiguous_of(P);
+  LOWRANK_CHECK(G.is_cpu(), kProjectOp, ": the CPU kernel got a tensor on ", device_name(G));
+  P = lowrank::contiguous(P, "P");
   const ScalarType acc_st = companion_type(G.scalar_type());
-  Tensor R = torch::stable::new_empty(G, left ? std::vector<int64_t>{d.r, d.n} : std::vector<int64_t>{d.m, d.r}, acc_st);
-  Tensor sq = torch::stable::new_empty(G, {want_sqnorms ? (left ? d.n : d.m) : 0}, acc_st);
+  Tensor R = lowrank::new_empty(G, left ? std::vector<int64_t>{d.r, d.n} : std::vector<int64_t>{d.m, d.r}, acc_st);
+  Tensor sq = lowrank::new_empty(G, {want_sqnorms ? (left ? d.n : d.m) : 0}, acc_st);
   const int64_t s0 = G.stride(0), s1 = G.stride(1);
   dispatch_float(G.scalar_type(), kProjectOp, [&](auto tag) {
     using T = decltype(tag);
@@ -117,9 +117,9 @@ std::tuple<Tensor, Tensor> galore_project_cpu(Tensor G, Tensor P, bool left, boo
 
 Tensor adam_lowrank_cpu(Tensor exp_avg, Tensor exp_avg_sq, Tensor R, double beta1, double beta2, double eps) {
   check_adam_args(exp_avg, exp_avg_sq, R);
-  STD_TORCH_CHECK(R.is_cpu(), kAdamOp, ": the CPU kernel got a tensor on ", device_name(R));
-  R = contiguous_of(R);
-  Tensor N = torch::stable::new_empty(R, R.sizes());
+  LOWRANK_CHECK(R.is_cpu(), kAdamOp, ": the CPU kernel got a tensor on ", device_name(R));
+  R = lowrank::contiguous(R, "R");
+  Tensor N = lowrank::new_empty(R, R.sizes());
   const int64_t numel = R.numel();
   auto run = [&](auto tag) {
     using T = decltype(tag);
@@ -157,11 +157,11 @@ Tensor adam_lowrank_cpu(Tensor exp_avg, Tensor exp_avg_sq, Tensor R, double beta
 void galore_update_cpu(Tensor W, Tensor M, Tensor P, bool left, double decay, std::optional<Tensor> G,
                        std::optional<Tensor> residual_scale) {
   const ProjDims d = check_update_args(W, M, P, left, G, residual_scale);
-  STD_TORCH_CHECK(W.is_cpu(), kUpdateOp, ": the CPU kernel got a tensor on ", device_name(W));
+  LOWRANK_CHECK(W.is_cpu(), kUpdateOp, ": the CPU kernel got a tensor on ", device_name(W));
   if (d.m == 0 || d.n == 0) return;
-  M = contiguous_of(M), P = contiguous_of(P);
+  M = lowrank::contiguous(M, "M"), P = lowrank::contiguous(P, "P");
   Tensor Gc, sc;
-  if (G.has_value()) Gc = contiguous_of(*G), sc = contiguous_of(*residual_scale);
+  if (G.has_value()) Gc = lowrank::contiguous(*G, "G"), sc = lowrank::contiguous(*residual_scale, "residual_scale");
   const bool has_g = G.has_value();
   dispatch_float(W.scalar_type(), kUpdateOp, [&](auto wtag) {
     using T = decltype(wtag);
@@ -243,7 +243,7 @@ void dct_fill(T* q, int64_t n) {
 
 void dct_basis_cpu(Tensor Q) {
   check_dct_args(Q);
-  STD_TORCH_CHECK(Q.is_cpu(), kDctOp, ": the CPU kernel got a tensor on ", device_name(Q));
+  LOWRANK_CHECK(Q.is_cpu(), kDctOp, ": the CPU kernel got a tensor on ", device_name(Q));
   const int64_t n = Q.size(0);
   if (Q.scalar_type() == ScalarType::Double)
     dct_fill(ptr_of<double>(Q), n);
@@ -253,10 +253,10 @@ void dct_basis_cpu(Tensor Q) {
 
 Tensor basis_scores_cpu(Tensor G, Tensor Q, bool left) {
   const int64_t k = check_scores_args(G, Q, left);
-  STD_TORCH_CHECK(G.is_cpu(), kScoresOp, ": the CPU kernel got a tensor on ", device_name(G));
-  Q = contiguous_of(Q);
+  LOWRANK_CHECK(G.is_cpu(), kScoresOp, ": the CPU kernel got a tensor on ", device_name(G));
+  Q = lowrank::contiguous(Q, "Q");
   const ScalarType acc_st = companion_type(G.scalar_type());
-  Tensor scores = torch::stable::new_empty(G, {k}, acc_st);
+  Tensor scores = lowrank::new_empty(G, {k}, acc_st);
   // rows of A: G's rows (right) or columns (left); K = k; C = A·Qᵀ (rows x k), scores = Σ_rows |C|
   const int64_t rows = left ? G.size(1) : G.size(0);
   const int64_t rs = left ? G.stride(1) : G.stride(0), cs = left ? G.stride(0) : G.stride(1);
@@ -272,7 +272,8 @@ Tensor basis_scores_cpu(Tensor G, Tensor Q, bool left) {
     const T* g = ptr_of<const T>(G);
     const Acc* q = ptr_of<const Acc>(Q);
     const int64_t m_tiles = (rows + Ws::MT - 1) / Ws::MT, n_tiles = (k + Ws::NC - 1) / Ws::NC;
-    std::vector<Acc> partial(static_cast<size_t>(m_tiles * k));
+    // fp64 sums whatever Acc: rows / MT partials of similar size, where an fp32 running sum drifts by percents
+    std::vector<double> partial(static_cast<size_t>(m_tiles * k));
     torch::stable::parallel_for(0, m_tiles * n_tiles, 1, [&](int64_t begin, int64_t end) {
       Ws ws;
       auto tile = detail::aligned_buffer<Acc>(Ws::MT * Ws::NC);
@@ -283,17 +284,17 @@ Tensor basis_scores_cpu(Tensor G, Tensor Q, bool left) {
         // B(kk, j) = Q[n0 + j, kk]
         gemm_tile<Acc, T, Acc, Acc>(mlen, nlen, k, operand<const T>(g + m0 * rs, 0, rs, cs),
                                     operand<const Acc>(q + n0 * k, 0, 1, k), operand<Acc>(c, 0, Ws::NC, 1), ws);
-        Acc* p = partial.data() + mt * k + n0;
-        for (int64_t j = 0; j < nlen; ++j) p[j] = Acc(0);
+        double* p = partial.data() + mt * k + n0;
+        for (int64_t j = 0; j < nlen; ++j) p[j] = 0.0;
         for (int64_t i = 0; i < mlen; ++i)
-          for (int64_t j = 0; j < nlen; ++j) p[j] += std::abs(c[i * Ws::NC + j]);
+          for (int64_t j = 0; j < nlen; ++j) p[j] += static_cast<double>(std::abs(c[i * Ws::NC + j]));
       }
     });
     torch::stable::parallel_for(0, k, 1024, [&](int64_t begin, int64_t end) {
       for (int64_t c = begin; c < end; ++c) {
-        Acc s = Acc(0);
+        double s = 0.0;
         for (int64_t mt = 0; mt < m_tiles; ++mt) s += partial[mt * k + c];
-        out[c] = s;
+        out[c] = static_cast<Acc>(s);
       }
     });
   });
@@ -304,9 +305,9 @@ Tensor basis_scores_cpu(Tensor G, Tensor Q, bool left) {
 }  // namespace lowrank
 
 STABLE_TORCH_LIBRARY_IMPL(lowrank, CPU, m) {
-  m.impl("galore_project", TORCH_BOX(&lowrank::galore_project_cpu));
-  m.impl("adam_lowrank_", TORCH_BOX(&lowrank::adam_lowrank_cpu));
-  m.impl("galore_update_", TORCH_BOX(&lowrank::galore_update_cpu));
-  m.impl("dct_basis_", TORCH_BOX(&lowrank::dct_basis_cpu));
-  m.impl("basis_scores", TORCH_BOX(&lowrank::basis_scores_cpu));
+  m.impl("galore_project", LOWRANK_BOX(lowrank::kProjectOp, lowrank::galore_project_cpu));
+  m.impl("adam_lowrank_", LOWRANK_BOX(lowrank::kAdamOp, lowrank::adam_lowrank_cpu));
+  m.impl("galore_update_", LOWRANK_BOX(lowrank::kUpdateOp, lowrank::galore_update_cpu));
+  m.impl("dct_basis_", LOWRANK_BOX(lowrank::kDctOp, lowrank::dct_basis_cpu));
+  m.impl("basis_scores", LOWRANK_BOX(lowrank::kScoresOp, lowrank::basis_scores_cpu));
 }

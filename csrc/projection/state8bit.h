@@ -23,7 +23,7 @@
 
 namespace lowrank {
 
-constexpr const char* kAdam8Op = "lowrank.adam_lowrank_8bit_";
+constexpr char kAdam8Op[] = "lowrank.adam_lowrank_8bit_";
 constexpr int64_t kState8Block = 256;
 
 namespace state8 {
@@ -103,11 +103,11 @@ inline int64_t state8_blocks(int64_t numel) { return (numel + kState8Block - 1) 
 inline void check_adam8_args(const Tensor& m, const Tensor& m_absmax, const Tensor& v, const Tensor& v_absmax,
                              const Tensor& R) {
   const char* op = kAdam8Op;
-  STD_TORCH_CHECK(R.scalar_type() == ScalarType::Float, op, ": R must be float32, got ",
+  LOWRANK_CHECK(R.scalar_type() == ScalarType::Float, op, ": R must be float32, got ",
                   torch::headeronly::toString(R.scalar_type()));
-  STD_TORCH_CHECK(m.scalar_type() == ScalarType::Char, op, ": exp_avg must be int8 (signed codes), got ",
+  LOWRANK_CHECK(m.scalar_type() == ScalarType::Char, op, ": exp_avg must be int8 (signed codes), got ",
                   torch::headeronly::toString(m.scalar_type()));
-  STD_TORCH_CHECK(v.scalar_type() == ScalarType::Byte, op, ": exp_avg_sq must be uint8 (unsigned codes), got ",
+  LOWRANK_CHECK(v.scalar_type() == ScalarType::Byte, op, ": exp_avg_sq must be uint8 (unsigned codes), got ",
                   torch::headeronly::toString(v.scalar_type()));
   check_same_device(op, m, "exp_avg", R, "R");
   check_same_device(op, v, "exp_avg_sq", R, "R");
@@ -115,22 +115,22 @@ inline void check_adam8_args(const Tensor& m, const Tensor& m_absmax, const Tens
   check_same_device(op, v_absmax, "exp_avg_sq_absmax", R, "R");
   bool same = m.dim() == R.dim() && v.dim() == R.dim();
   for (int64_t i = 0; same && i < R.dim(); ++i) same = m.size(i) == R.size(i) && v.size(i) == R.size(i);
-  STD_TORCH_CHECK(same, op, ": exp_avg, exp_avg_sq and R must have the same shape");
-  STD_TORCH_CHECK(m.is_contiguous(), op, ": exp_avg must be contiguous (it is updated in place)");
-  STD_TORCH_CHECK(v.is_contiguous(), op, ": exp_avg_sq must be contiguous (it is updated in place)");
+  LOWRANK_CHECK(same, op, ": exp_avg, exp_avg_sq and R must have the same shape");
+  LOWRANK_CHECK(m.is_contiguous(), op, ": exp_avg must be contiguous (it is updated in place)");
+  LOWRANK_CHECK(v.is_contiguous(), op, ": exp_avg_sq must be contiguous (it is updated in place)");
   const int64_t blocks = state8_blocks(R.numel());
   const Tensor* absmaxes[2] = {&m_absmax, &v_absmax};
   const char* names[2] = {"exp_avg_absmax", "exp_avg_sq_absmax"};
   for (int i = 0; i < 2; ++i) {
     const Tensor& a = *absmaxes[i];
-    STD_TORCH_CHECK(a.scalar_type() == ScalarType::Float, op, ": ", names[i], " must be float32, got ",
+    LOWRANK_CHECK(a.scalar_type() == ScalarType::Float, op, ": ", names[i], " must be float32, got ",
                     torch::headeronly::toString(a.scalar_type()));
-    STD_TORCH_CHECK(a.dim() == 1 && a.size(0) == blocks, op, ": ", names[i], " must be 1-D of length ", blocks,
+    LOWRANK_CHECK(a.dim() == 1 && a.size(0) == blocks, op, ": ", names[i], " must be 1-D of length ", blocks,
                     " (one absmax per block of ", kState8Block, " elements of R)");
-    STD_TORCH_CHECK(a.is_contiguous(), op, ": ", names[i], " must be contiguous (it is updated in place)");
+    LOWRANK_CHECK(a.is_contiguous(), op, ": ", names[i], " must be contiguous (it is updated in place)");
   }
   const void *am = m_absmax.data_ptr(), *av = v_absmax.data_ptr(), *g = R.data_ptr();
-  STD_TORCH_CHECK(R.numel() == 0 || (am != av && am != g && av != g), op,
+  LOWRANK_CHECK(R.numel() == 0 || (am != av && am != g && av != g), op,
                   ": exp_avg_absmax, exp_avg_sq_absmax and R must be three different tensors (updated in place)");
 }
 

@@ -25,9 +25,9 @@
 //                  dvalues[k] = G.view(-1)[idx[k]]  (0 for an out-of-range index).
 // grad_bias[j] = Σ_t dy[t, j]: column sums, T split over blockIdx.y into an fp32 workspace, summed by the
 // split-K reduce kernel (fp32 accumulation, deterministic).
-// Index check (check=True, forward only): a device bitmap of out·in bits; each index sets its bit with
-// atomicOr; an out-of-range index or a bit found already set records the smallest such position with
-// atomicMin; one 16-byte copy + stream sync brings both positions back; errors name the position and value.
+// Index check (check=True, forward only): a radix sort of (index, position) pairs, O(nnz) memory; the
+// smallest out-of-range position and the smallest position repeating an earlier value are recorded with
+// atomicMin; one 16-byte copy + stream sync brings both back; errors name the position and value.
 //
 // G is stored in the input dtype (as the official code does) because B3 and B4 read it as a 16-bit tensor-
 // core operand; its accumulation is fp32 (in registers, or in the split-K workspace).
@@ -42,6 +42,7 @@
 #include <torch/csrc/stable/tensor.h>
 #include <torch/headeronly/util/shim_utils.h>
 
+#include <cub/device/device_radix_sort.cuh>
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -52,11 +53,15 @@
 
 #include "common/cuda_dispatch.cuh"
 #include "common/gemm_runner.cuh"
+#include "common/op_boundary.h"
 #include "common/strided_gemm.cuh"
 #include "sltrain/sltrain_common.h"
 
 namespace lowrank {
 namespace {
+
+constexpr char kFwd[] = "lowrank.sltrain_linear";
+constexpr char kBwd[] = "lowrank.sltrain_linear_backward";
 
 using namespace cuda_glue;
 
@@ -67,21 +72,26 @@ unsigned grid_for(int64_t n, int sms) {
 }
 
 // ------------------------------------------------------------------------------------------ kernels
-// Smallest offending positions: [0] out of range, [1] duplicate; ULLONG_MAX (memset 0xff) when none.
+// Index check, pass 1: keys[k] = idx[k] (int64), pos[k] = k; bad[0] = smallest out-of-range position.
 template <typename I>
-__global__ void check_indices_kernel(const I* __restrict__ idx, int64_t nnz, int64_t total, uint32_t* bitmap,
-                                     unsigned long long* bad) {
+__global__ void index_keys_kernel(const I* __restrict__ idx, int64_t nnz, int64_t total, int64_t* __restrict__ keys,
+                                  int64_t* __restrict__ pos, unsigned long long* bad) {
   const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
   for (int64_t k = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; k < nnz; k += step) {
     const int64_t i = static_cast<int64_t>(idx[k]);
-    if (i < 0 || i >= total) {
-      atomicMin(&bad[0], static_cast<unsigned long long>(k));
-      continue;
-    }
-    const uint32_t bit = 1u << static_cast<uint32_t>(i & 31);
-    const uint32_t old = atomicOr(&bitmap[i >> 5], bit);
-    if (old & bit) atomicMin(&bad[1], static_cast<unsigned long long>(k));
+    keys[k] = i;
+    pos[k] = k;
+    if (i < 0 || i >= total) atomicMin(&bad[0], static_cast<unsigned long long>(k));
   }
+}
+
+// Pass 2, over (key, position) pairs sorted by key (a stable radix sort keeps positions ascending within a
+// key): bad[1] = smallest position whose value appeared at an earlier position.
+__global__ void adjacent_duplicates_kernel(const int64_t* __restrict__ keys, const int64_t* __restrict__ pos,
+                                           int64_t nnz, unsigned long long* bad) {
+  const int64_t step = static_cast<int64_t>(gridDim.x) * blockDim.x;
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x + 1; i < nnz; i += step)
+    if (keys[i] == keys[i - 1]) atomicMin(&bad[1], static_cast<unsigned long long>(pos[i]));
 }
 
 // W.view(-1)[idx[k]] += values[k], skipping out-of-range indices.
@@ -140,25 +150,37 @@ void dispatch_index(const Tensor& indices, F&& f) {
     f(int64_t{});
 }
 
-// check=True: every index in [0, out·in) and no duplicates. One 16-byte device-to-host copy + stream sync.
+// check=True: every index in [0, out·in) and no duplicates, by a radix sort of (index, position) pairs:
+// O(nnz) memory (about 40·nnz bytes) whatever out·in is. One 16-byte device-to-host copy + stream sync.
 void validate_indices(const char* op, const SLTrainDims& d, const Tensor& idx, int sms, cudaStream_t stream) {
   if (d.nnz == 0) return;
   const int64_t total = d.out * d.in;
-  const int64_t words = (total + 31) / 32;
-  Tensor bitmap = torch::stable::new_empty(idx, {std::max<int64_t>(words, 1)}, ScalarType::Int);
-  Tensor bad = torch::stable::new_empty(idx, {2}, ScalarType::Long);
-  check_cuda(cudaMemsetAsync(bitmap.mutable_data_ptr(), 0, static_cast<size_t>(std::max<int64_t>(words, 1)) * 4,
-                             stream),
-             op, "index check (memset)");
-  check_cuda(cudaMemsetAsync(bad.mutable_data_ptr(), 0xff, 2 * sizeof(unsigned long long), stream), op,
-             "index check (memset)");
+  LOWRANK_CHECK(d.nnz <= std::numeric_limits<int32_t>::max(), op,
+                ": indices must have fewer than 2^31 entries when check=True on CUDA (got ", d.nnz, ")");
+  const int n = static_cast<int>(d.nnz);
+  Tensor buf = lowrank::new_empty(idx, {4 * d.nnz}, ScalarType::Long);  // keys, positions, sorted keys, sorted positions
+  int64_t* keys = static_cast<int64_t*>(buf.mutable_data_ptr());
+  int64_t *pos = keys + d.nnz, *skeys = keys + 2 * d.nnz, *spos = keys + 3 * d.nnz;
+  Tensor bad = lowrank::new_empty(idx, {2}, ScalarType::Long);
+  auto* badp = static_cast<unsigned long long*>(bad.mutable_data_ptr());
+  check_cuda(cudaMemsetAsync(badp, 0xff, 2 * sizeof(unsigned long long), stream), op, "index check (memset)");
   dispatch_index(idx, [&](auto tag) {
     using I = decltype(tag);
-    check_indices_kernel<I><<<grid_for(d.nnz, sms), 256, 0, stream>>>(
-        static_cast<const I*>(idx.const_data_ptr()), d.nnz, total, static_cast<uint32_t*>(bitmap.mutable_data_ptr()),
-        static_cast<unsigned long long*>(bad.mutable_data_ptr()));
+    index_keys_kernel<I><<<grid_for(d.nnz, sms), 256, 0, stream>>>(static_cast<const I*>(idx.const_data_ptr()), d.nnz,
+                                                                    total, keys, pos, badp);
   });
   check_cuda(cudaGetLastError(), op, "index check launch");
+  size_t temp_bytes = 0;
+  check_cuda(cub::DeviceRadixSort::SortPairs(nullptr, temp_bytes, keys, skeys, pos, spos, n, 0, 64, stream), op,
+             "index check (sort size)");
+  Tensor temp = lowrank::new_empty(idx, {static_cast<int64_t>(temp_bytes) + 1}, ScalarType::Byte);
+  check_cuda(cub::DeviceRadixSort::SortPairs(temp.mutable_data_ptr(), temp_bytes, keys, skeys, pos, spos, n, 0, 64,
+                                             stream),
+             op, "index check (sort)");
+  if (d.nnz > 1) {
+    adjacent_duplicates_kernel<<<grid_for(d.nnz - 1, sms), 256, 0, stream>>>(skeys, spos, d.nnz, badp);
+    check_cuda(cudaGetLastError(), op, "index check launch");
+  }
   unsigned long long h[2] = {0, 0};
   check_cuda(cudaMemcpyAsync(h, bad.const_data_ptr(), sizeof(h), cudaMemcpyDeviceToHost, stream), op,
              "index check (copy)");
@@ -179,10 +201,9 @@ void validate_indices(const char* op, const SLTrainDims& d, const Tensor& idx, i
     check_cuda(cudaMemcpyAsync(&v, src, 8, cudaMemcpyDeviceToHost, stream), op, "index check (copy)");
     check_cuda(cudaStreamSynchronize(stream), op, "index check (sync)");
   }
-  STD_TORCH_CHECK(!range, op, ": indices[", k, "] = ", v, " is out of range [0, out·in) = [0, ", total,
-                  ") for out = ", d.out, ", in = ", d.in);
-  STD_TORCH_CHECK(false, op, ": indices contain a duplicate index (", v, " at indices[", k,
-                  "] appears more than once); pass unique flat positions row·in + col");
+  LOWRANK_CHECK(!range, op, ": indices must lie in [0, out·in) = [0, ", total, ") (got indices[", k, "] = ", v, ")");
+  LOWRANK_CHECK(false, op, ": indices must be unique (got indices[", k, "] = ", v,
+                ", a value that appears at an earlier position)");
 }
 
 // F1 + scatter: W (out, in) = scale·B·A, then W.view(-1)[idx] += values.
@@ -211,8 +232,8 @@ void column_sum(const GemmRunner& R, const SLTrainDims& d, const Tensor& dy, con
   splits = std::min<int64_t>(splits, 65535);
   const int64_t rps = (d.T + splits - 1) / splits;
   splits = (d.T + rps - 1) / rps;  // no empty trailing split
-  STD_TORCH_CHECK(xblocks <= std::numeric_limits<int32_t>::max(), R.op, ": out too large for the bias reduction");
-  Tensor ws = torch::stable::new_empty(dy, {splits * d.out}, ScalarType::Float);
+  LOWRANK_CHECK(xblocks <= std::numeric_limits<int32_t>::max(), R.op, ": out too large for the bias reduction");
+  Tensor ws = lowrank::new_empty(dy, {splits * d.out}, ScalarType::Float);
   float* wsp = static_cast<float*>(ws.mutable_data_ptr());
   const dim3 grid(static_cast<unsigned>(xblocks), static_cast<unsigned>(splits));
   const dim3 block(kColX, kColY);
@@ -229,24 +250,35 @@ void column_sum(const GemmRunner& R, const SLTrainDims& d, const Tensor& dy, con
 }
 
 // ------------------------------------------------------------------------------------------ ops
+// The GEMM runner takes dimensions below 2^31; refused before any input is copied (an expanded x).
+void check_sizes(const char* op, const SLTrainDims& d) {
+  const int64_t imax = std::numeric_limits<int32_t>::max() - 64;
+  LOWRANK_CHECK(d.T <= imax && d.in <= imax && d.out <= imax && d.r <= imax, op,
+                ": x's rows, in, out and r must stay below 2^31 on CUDA (got rows=", d.T, ", in=", d.in, ", out=",
+                d.out, ", r=", d.r, ")");
+}
+
 Tensor sltrain_linear_cuda(Tensor x, Tensor A, Tensor B, Tensor values, Tensor indices, double scale,
                            std::optional<Tensor> bias, bool check) {
-  const char* op = "lowrank.sltrain_linear";
+  const char* op = kFwd;
   const SLTrainDims d = sltrain_dims(op, x, A, B, values, indices, bias);
-  STD_TORCH_CHECK(x.is_cuda(), op, ": expected CUDA tensors");
+  LOWRANK_CHECK(x.is_cuda(), op, ": expected CUDA tensors");
+  check_sizes(op, d);
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
-  const Tensor xc = torch::stable::contiguous(x);
-  const Tensor Ac = torch::stable::contiguous(A);
-  const Tensor Bc = torch::stable::contiguous(B);
-  const Tensor vc = torch::stable::contiguous(values);
-  const Tensor ic = torch::stable::contiguous(indices);
+  // indices first: their check costs O(nnz) whatever the other inputs' size
+  const Tensor ic = lowrank::contiguous(indices, "indices");
+  const int32_t dev = x.get_device_index();
+  if (check) validate_indices(op, d, ic, num_sms(dev), current_stream(dev));
+  const Tensor xc = lowrank::contiguous(x, "x");
+  const Tensor Ac = lowrank::contiguous(A, "A");
+  const Tensor Bc = lowrank::contiguous(B, "B");
+  const Tensor vc = lowrank::contiguous(values, "values");
   const GemmRunner R = make_runner(op, xc);
-  if (check) validate_indices(op, d, ic, R.sms, R.stream);
-  Tensor y = torch::stable::new_empty(xc, out_shape_like(x, d.out));
+  Tensor y = lowrank::new_empty(xc, out_shape_like(x, d.out));
   if (d.T == 0) return y;
   std::optional<Tensor> bc;
-  if (bias.has_value()) bc = torch::stable::contiguous(*bias);
-  const Tensor W = torch::stable::new_empty(xc, {d.out, d.in});
+  if (bias.has_value()) bc = lowrank::contiguous(*bias, "bias");
+  const Tensor W = lowrank::new_empty(xc, {d.out, d.in});
   compute_weight(R, d, Ac, Bc, vc, ic, scale, W);
   // F2: y[t, j] = Σ_c x[t, c] · W[j, c] (+ bias[j])
   R.run1(operand(xc, d.in, 1), operand(W, d.in, 1), output(y, d.out, 1), d.T, d.out, d.in, 1.f,
@@ -257,24 +289,25 @@ Tensor sltrain_linear_cuda(Tensor x, Tensor A, Tensor B, Tensor values, Tensor i
 std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sltrain_linear_backward_cuda(
     Tensor grad_out, Tensor x, Tensor A, Tensor B, Tensor values, Tensor indices, double scale, bool has_bias,
     bool need_grad_x, bool need_grad_lowrank, bool need_grad_values) {
-  const char* op = "lowrank.sltrain_linear_backward";
+  const char* op = kBwd;
   const SLTrainDims d = sltrain_dims(op, x, A, B, values, indices, std::nullopt);
-  STD_TORCH_CHECK(x.is_cuda(), op, ": expected CUDA tensors");
+  LOWRANK_CHECK(x.is_cuda(), op, ": expected CUDA tensors");
   check_grad_out(op, grad_out, x, d.out);
+  check_sizes(op, d);
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
-  const Tensor xc = torch::stable::contiguous(x);
-  const Tensor Ac = torch::stable::contiguous(A);
-  const Tensor Bc = torch::stable::contiguous(B);
-  const Tensor vc = torch::stable::contiguous(values);
-  const Tensor ic = torch::stable::contiguous(indices);
-  const Tensor dy = torch::stable::contiguous(grad_out);
+  const Tensor xc = lowrank::contiguous(x, "x");
+  const Tensor Ac = lowrank::contiguous(A, "A");
+  const Tensor Bc = lowrank::contiguous(B, "B");
+  const Tensor vc = lowrank::contiguous(values, "values");
+  const Tensor ic = lowrank::contiguous(indices, "indices");
+  const Tensor dy = lowrank::contiguous(grad_out, "grad_out");
 
   const std::vector<int64_t> none{0};
-  Tensor dx = need_grad_x ? torch::stable::new_empty(xc, x.sizes()) : torch::stable::new_empty(xc, none);
-  Tensor dA = need_grad_lowrank ? torch::stable::new_empty(xc, {d.r, d.in}) : torch::stable::new_empty(xc, none);
-  Tensor dB = need_grad_lowrank ? torch::stable::new_empty(xc, {d.out, d.r}) : torch::stable::new_empty(xc, none);
-  Tensor dv = need_grad_values ? torch::stable::new_empty(xc, {d.nnz}) : torch::stable::new_empty(xc, none);
-  Tensor db = has_bias ? torch::stable::new_empty(xc, {d.out}) : torch::stable::new_empty(xc, none);
+  Tensor dx = need_grad_x ? lowrank::new_empty(xc, x.sizes()) : lowrank::new_empty(xc, none);
+  Tensor dA = need_grad_lowrank ? lowrank::new_empty(xc, {d.r, d.in}) : lowrank::new_empty(xc, none);
+  Tensor dB = need_grad_lowrank ? lowrank::new_empty(xc, {d.out, d.r}) : lowrank::new_empty(xc, none);
+  Tensor dv = need_grad_values ? lowrank::new_empty(xc, {d.nnz}) : lowrank::new_empty(xc, none);
+  Tensor db = has_bias ? lowrank::new_empty(xc, {d.out}) : lowrank::new_empty(xc, none);
   const bool need_g = need_grad_lowrank || need_grad_values;
   if (d.T == 0) {
     if (need_grad_lowrank) {
@@ -289,7 +322,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sltrain_linear_backward_cuda(
 
   if (need_grad_x || need_g) {
     // One (out, in) scratch: W for dx, then G.
-    Tensor scratch = torch::stable::new_empty(xc, {d.out, d.in});
+    Tensor scratch = lowrank::new_empty(xc, {d.out, d.in});
     if (need_grad_x) {
       compute_weight(R, d, Ac, Bc, vc, ic, scale, scratch);
       // B1: dx[t, c] = Σ_j dy[t, j] · W[j, c]
@@ -331,6 +364,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sltrain_linear_backward_cuda(
 }  // namespace lowrank
 
 STABLE_TORCH_LIBRARY_IMPL(lowrank, CUDA, m) {
-  m.impl("sltrain_linear", TORCH_BOX(&lowrank::sltrain_linear_cuda));
-  m.impl("sltrain_linear_backward", TORCH_BOX(&lowrank::sltrain_linear_backward_cuda));
+  m.impl("sltrain_linear", LOWRANK_BOX(lowrank::kFwd, lowrank::sltrain_linear_cuda));
+  m.impl("sltrain_linear_backward", LOWRANK_BOX(lowrank::kBwd, lowrank::sltrain_linear_backward_cuda));
 }

@@ -11,31 +11,54 @@
 #include <torch/csrc/stable/library.h>
 #include <torch/csrc/stable/ops.h>
 
+#include <algorithm>
+#include <cmath>
 #include <cstdlib>
 #include <cstring>
+#include <utility>
 #include <vector>
 
 #include "common/cpu_dispatch.h"
 #include "common/cpu_gemm.h"
+#include "common/op_boundary.h"
 #include "sltrain/sltrain_common.h"
 
 namespace lowrank {
 namespace {
 
-constexpr const char* kFwd = "lowrank.sltrain_linear";
-constexpr const char* kBwd = "lowrank.sltrain_linear_backward";
+constexpr char kFwd[] = "lowrank.sltrain_linear";
+constexpr char kBwd[] = "lowrank.sltrain_linear_backward";
 
+// check=True: range, then uniqueness, in O(nnz) memory and O(nnz log nnz) time whatever out·in is: a bitmap
+// of out·in bits when that is at most 64 bytes per index (a dense enough support: one pass), else a sort of
+// (value, position) pairs (16 bytes per index). Both report the smallest position whose value appeared
+// earlier (as the CUDA check does).
 template <typename I>
 void validate_indices_typed(const char* op, const I* idx, int64_t nnz, int64_t size) {
-  std::vector<uint64_t> seen(static_cast<size_t>((size + 63) / 64), 0);
   for (int64_t k = 0; k < nnz; ++k) {
     const int64_t v = static_cast<int64_t>(idx[k]);
-    STD_TORCH_CHECK(v >= 0 && v < size, op, ": indices[", k, "] = ", v, " is out of range [0, out·in = ", size, ")");
-    uint64_t& word = seen[static_cast<size_t>(v >> 6)];
-    const uint64_t bit = uint64_t(1) << (v & 63);
-    STD_TORCH_CHECK(!(word & bit), op, ": indices must be unique, ", v, " appears twice (at ", k, ")");
-    word |= bit;
+    LOWRANK_CHECK(v >= 0 && v < size, op, ": indices must lie in [0, out·in) = [0, ", size, ") (got indices[", k,
+                  "] = ", v, ")");
   }
+  int64_t dup = -1;
+  if (size / 8 <= 64 * nnz) {
+    std::vector<uint64_t> seen(static_cast<size_t>((size + 63) / 64), 0);
+    for (int64_t k = 0; k < nnz && dup < 0; ++k) {
+      const int64_t v = static_cast<int64_t>(idx[k]);
+      uint64_t& word = seen[static_cast<size_t>(v >> 6)];
+      const uint64_t bit = uint64_t(1) << (v & 63);
+      if (word & bit) dup = k;
+      word |= bit;
+    }
+  } else {
+    std::vector<std::pair<int64_t, int64_t>> order(static_cast<size_t>(nnz));
+    for (int64_t k = 0; k < nnz; ++k) order[k] = {static_cast<int64_t>(idx[k]), k};
+    std::sort(order.begin(), order.end());
+    for (size_t i = 1; i < order.size(); ++i)
+      if (order[i].first == order[i - 1].first && (dup < 0 || order[i].second < dup)) dup = order[i].second;
+  }
+  LOWRANK_CHECK(dup < 0, op, ": indices must be unique (got indices[", dup, "] = ", static_cast<int64_t>(idx[dup]),
+                ", a value that appears at an earlier position)");
 }
 
 void validate_indices(const char* op, const Tensor& indices, int64_t nnz, int64_t size) {
@@ -71,7 +94,6 @@ void materialize(const SLTrainDims& d, const T* A, const T* B, const T* values, 
   });
 }
 
-Tensor contiguous_of(const Tensor& t) { return torch::stable::contiguous(t); }
 
 enum class Path { kMaterialize, kLowRank };
 
@@ -157,7 +179,7 @@ void lowrank_backward(const SLTrainDims& d, const T* g, const T* x, const T* A, 
     return;
   }
   const Support sup = decode_support(indices, d);
-  auto scratch = [&](int64_t n) { return torch::stable::empty({n}, acc_scalar_type<Acc>()); };
+  auto scratch = [&](int64_t n) { return lowrank::empty({n}, acc_scalar_type<Acc>()); };
   Tensor h_t = scratch(d.T * d.r), gT_t = scratch(d.out * d.T), xT_t = scratch(d.in * d.T);
   Acc* h = static_cast<Acc*>(h_t.data_ptr());
   Acc* gT = static_cast<Acc*>(gT_t.data_ptr());
@@ -209,14 +231,54 @@ void lowrank_backward(const SLTrainDims& d, const T* g, const T* x, const T* A, 
   }
 }
 
+// Rows of x (T, in) holding a NaN or an Inf, ascending.
+template <typename T>
+std::vector<int64_t> nonfinite_rows(const T* x, int64_t T_, int64_t in) {
+  std::vector<char> bad(static_cast<size_t>(T_), 0);
+  torch::stable::parallel_for(0, T_, 64, [&](int64_t begin, int64_t end) {
+    for (int64_t t = begin; t < end; ++t) {
+      const T* row = x + t * in;
+      bool finite = true;
+      for (int64_t i = 0; i < in; ++i) finite &= is_finite_value(row[i]);
+      bad[t] = !finite;
+    }
+  });
+  std::vector<int64_t> rows;
+  for (int64_t t = 0; t < T_; ++t)
+    if (bad[t]) rows.push_back(t);
+  return rows;
+}
+
+// y[t, :] = x[t, :]·Wᵀ (+ bias) for the given rows only, with W materialized like the materializing path does.
+template <typename Acc, typename T>
+void dense_rows(const SLTrainDims& d, const std::vector<int64_t>& rows, const T* x, const T* A, const T* B,
+                const T* values, const Tensor& indices, double scale, const T* bias, T* y) {
+  const int64_t n = static_cast<int64_t>(rows.size());
+  Tensor w_t = lowrank::empty({d.out, d.in}, acc_scalar_type<Acc>());
+  Tensor xb_t = lowrank::empty({n, d.in}, acc_scalar_type<Acc>()), yb_t = lowrank::empty({n, d.out}, acc_scalar_type<Acc>());
+  Acc* w = static_cast<Acc*>(w_t.data_ptr());
+  Acc* xb = static_cast<Acc*>(xb_t.data_ptr());
+  Acc* yb = static_cast<Acc*>(yb_t.data_ptr());
+  materialize<Acc>(d, A, B, values, indices, scale, w);
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t i = 0; i < d.in; ++i) xb[j * d.in + i] = static_cast<Acc>(x[rows[j] * d.in + i]);
+  strided_batched_gemm<Acc, Acc, Acc, Acc>(1, n, d.out, d.in, operand<const Acc>(xb, 0, d.in, 1),
+                                           operand<const Acc>(w, 0, 1, d.in), operand<Acc>(yb, 0, d.out, 1));
+  for (int64_t j = 0; j < n; ++j)
+    for (int64_t o = 0; o < d.out; ++o)
+      y[rows[j] * d.out + o] = static_cast<T>(yb[j * d.out + o] + (bias ? static_cast<Acc>(bias[o]) : Acc(0)));
+}
+
 Tensor sltrain_linear_cpu(Tensor x, Tensor A, Tensor B, Tensor values, Tensor indices, double scale,
                           std::optional<Tensor> bias, bool check) {
   const SLTrainDims d = sltrain_dims(kFwd, x, A, B, values, indices, bias);
-  STD_TORCH_CHECK(x.is_cpu(), kFwd, ": the CPU kernel got a tensor on ", device_name(x));
-  x = contiguous_of(x), A = contiguous_of(A), B = contiguous_of(B);
-  values = contiguous_of(values), indices = contiguous_of(indices);
+  LOWRANK_CHECK(x.is_cpu(), kFwd, ": the CPU kernel got a tensor on ", device_name(x));
+  // indices first: their check costs O(nnz log nnz) whatever the other inputs' size
+  indices = lowrank::contiguous(indices, "indices");
   if (check) validate_indices(kFwd, indices, d.nnz, d.out * d.in);
-  Tensor y = torch::stable::new_empty(x, out_shape_like(x, d.out));
+  x = lowrank::contiguous(x, "x"), A = lowrank::contiguous(A, "A"), B = lowrank::contiguous(B, "B");
+  values = lowrank::contiguous(values, "values");
+  Tensor y = lowrank::new_empty(x, out_shape_like(x, d.out));
   if (d.T == 0) return y;
   dispatch_float(x.scalar_type(), kFwd, [&](auto tag) {
     using T = decltype(tag);
@@ -224,7 +286,7 @@ Tensor sltrain_linear_cpu(Tensor x, Tensor A, Tensor B, Tensor values, Tensor in
     auto ptr = [](const Tensor& t) { return static_cast<T*>(t.data_ptr()); };
     if (choose_path(d) == Path::kLowRank) {
       const Support sup = decode_support(indices, d);
-      auto scratch = [&](int64_t n) { return torch::stable::empty({n}, acc_scalar_type<Acc>()); };
+      auto scratch = [&](int64_t n) { return lowrank::empty({n}, acc_scalar_type<Acc>()); };
       Tensor xT_t = scratch(d.in * d.T), u_t = scratch(d.T * d.r), yT_t = scratch(d.out * d.T);
       Acc* xT = static_cast<Acc*>(xT_t.data_ptr());
       Acc* u = static_cast<Acc*>(u_t.data_ptr());
@@ -236,18 +298,24 @@ Tensor sltrain_linear_cpu(Tensor x, Tensor A, Tensor B, Tensor values, Tensor in
       strided_batched_gemm<Acc, T, Acc, Acc>(1, d.out, d.T, d.r, operand<const T>(ptr(B), 0, d.r, 1),
                                              operand<const Acc>(u, 0, 1, d.r), operand<Acc>(yT, 0, d.T, 1), Acc(scale));
       sparse_axpy<Acc>(yT, xT, sup.row, sup.col, sup.row, ptr(values), d.nnz, d.T);
-      const Tensor b = bias.has_value() ? contiguous_of(*bias) : Tensor();
+      const Tensor b = bias.has_value() ? lowrank::contiguous(*bias, "bias") : Tensor();
       transpose_from(ptr(y), yT, d.T, d.out, bias.has_value() ? static_cast<const T*>(b.data_ptr()) : nullptr);
+      // x·Aᵀ spreads an Inf of x over r sums that B then mixes with both signs: NaN where x·Wᵀ gives ±Inf.
+      // The (rare) tokens with a non-finite input are recomputed as x·Wᵀ, so both paths give F.linear's result.
+      const std::vector<int64_t> rows = nonfinite_rows(ptr(x), d.T, d.in);
+      if (!rows.empty())
+        dense_rows<Acc>(d, rows, ptr(x), ptr(A), ptr(B), ptr(values), indices, scale,
+                        bias.has_value() ? static_cast<const T*>(b.data_ptr()) : nullptr, ptr(y));
       return;
     }
-    Tensor w_t = torch::stable::empty({d.out, d.in}, acc_scalar_type<Acc>());
+    Tensor w_t = lowrank::empty({d.out, d.in}, acc_scalar_type<Acc>());
     Acc* w = static_cast<Acc*>(w_t.data_ptr());
     materialize<Acc>(d, ptr(A), ptr(B), ptr(values), indices, scale, w);
     // y[t, o] = Σ_i x[t, i]·W[o, i]
     strided_batched_gemm<Acc, T, Acc, T>(1, d.T, d.out, d.in, operand<const T>(ptr(x), 0, d.in, 1),
                                          operand<const Acc>(w, 0, 1, d.in), operand<T>(ptr(y), 0, d.out, 1));
     if (bias.has_value()) {
-      const Tensor b = contiguous_of(*bias);
+      const Tensor b = lowrank::contiguous(*bias, "bias");
       const T* bp = ptr(b);
       T* yp = ptr(y);
       torch::stable::parallel_for(0, d.T, 64, [&](int64_t begin, int64_t end) {
@@ -265,14 +333,14 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sltrain_linear_backward_cpu(
     bool need_grad_x, bool need_grad_lowrank, bool need_grad_values) {
   const SLTrainDims d = sltrain_dims(kBwd, x, A, B, values, indices, std::nullopt);
   check_grad_out(kBwd, grad_out, x, d.out);
-  grad_out = contiguous_of(grad_out), x = contiguous_of(x), A = contiguous_of(A), B = contiguous_of(B);
-  values = contiguous_of(values), indices = contiguous_of(indices);
-  auto empty0 = [](const Tensor& like) { return torch::stable::new_empty(like, {0}); };
-  Tensor dx = need_grad_x ? torch::stable::new_empty(x, x.sizes()) : empty0(x);
-  Tensor dA = need_grad_lowrank ? torch::stable::new_empty(A, A.sizes()) : empty0(A);
-  Tensor dB = need_grad_lowrank ? torch::stable::new_empty(B, B.sizes()) : empty0(B);
-  Tensor dv = need_grad_values ? torch::stable::new_empty(values, values.sizes()) : empty0(values);
-  Tensor db = has_bias ? torch::stable::new_empty(x, {d.out}) : empty0(x);
+  grad_out = lowrank::contiguous(grad_out, "grad_out"), x = lowrank::contiguous(x, "x"), A = lowrank::contiguous(A, "A"), B = lowrank::contiguous(B, "B");
+  values = lowrank::contiguous(values, "values"), indices = lowrank::contiguous(indices, "indices");
+  auto empty0 = [](const Tensor& like) { return lowrank::new_empty(like, {0}); };
+  Tensor dx = need_grad_x ? lowrank::new_empty(x, x.sizes()) : empty0(x);
+  Tensor dA = need_grad_lowrank ? lowrank::new_empty(A, A.sizes()) : empty0(A);
+  Tensor dB = need_grad_lowrank ? lowrank::new_empty(B, B.sizes()) : empty0(B);
+  Tensor dv = need_grad_values ? lowrank::new_empty(values, values.sizes()) : empty0(values);
+  Tensor db = has_bias ? lowrank::new_empty(x, {d.out}) : empty0(x);
   dispatch_float(x.scalar_type(), kBwd, [&](auto tag) {
     using T = decltype(tag);
     using Acc = acc_t<T>;
@@ -293,7 +361,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sltrain_linear_backward_cpu(
                             need_grad_lowrank ? ptr(dB) : nullptr, need_grad_values ? ptr(dv) : nullptr);
       return;
     }
-    Tensor scratch_t = torch::stable::empty({d.out, d.in}, acc_scalar_type<Acc>());
+    Tensor scratch_t = lowrank::empty({d.out, d.in}, acc_scalar_type<Acc>());
     Acc* scratch = static_cast<Acc*>(scratch_t.data_ptr());
     if (need_grad_x && d.T > 0) {
       materialize<Acc>(d, ptr(A), ptr(B), ptr(values), indices, scale, scratch);
@@ -328,6 +396,6 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sltrain_linear_backward_cpu(
 }  // namespace lowrank
 
 STABLE_TORCH_LIBRARY_IMPL(lowrank, CPU, m) {
-  m.impl("sltrain_linear", TORCH_BOX(&lowrank::sltrain_linear_cpu));
-  m.impl("sltrain_linear_backward", TORCH_BOX(&lowrank::sltrain_linear_backward_cpu));
+  m.impl("sltrain_linear", LOWRANK_BOX(lowrank::kFwd, lowrank::sltrain_linear_cpu));
+  m.impl("sltrain_linear_backward", LOWRANK_BOX(lowrank::kBwd, lowrank::sltrain_linear_backward_cpu));
 }

@@ -5,7 +5,7 @@ import torch
 
 from ._autograd import refuse_double_backward
 from .._loader import register_cuda_stub
-from ._common import check_companion, companion_dtype
+from ._common import check_companion, check_same_device, companion_dtype
 
 _FWD = "lowrank::monarch_matmul"
 _BWD = "lowrank::monarch_matmul_backward"
@@ -87,8 +87,9 @@ def _check_meta(op: str, x, w1, w2):
         x.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64),
         lambda: f"{op}: x must be float32, float16 or bfloat16 (float64 on CPU), got {x.dtype}",
     )
-    torch._check(x.dtype == w1.dtype == w2.dtype, lambda: f"{op}: x, w1 and w2 must have the same dtype")
-    torch._check(x.device == w1.device == w2.device, lambda: f"{op}: x, w1 and w2 must be on the same device")
+    for name, w in (("w1", w1), ("w2", w2)):
+        torch._check(w.dtype == x.dtype, lambda: f"{op}: {name} must have x's dtype (got x {x.dtype}, {name} {w.dtype})")
+    check_same_device(op, ("x", x), ("w1", w1), ("w2", w2))
     k, q, p = w1.shape
     l, s, r = w2.shape
     torch._check(min(k, q, p, l, s, r) > 0, lambda: f"{op}: w1 and w2 must have no zero-sized dimension")
@@ -107,8 +108,9 @@ def _monarch_matmul_fake(x, w1, w2):
 def _monarch_matmul_backward_fake(grad_out, x, w1, w2, need_grad_x, need_grad_w):
     op = "lowrank.monarch_matmul_backward"
     out = _check_meta(op, x, w1, w2)
-    torch._check(grad_out.dtype == x.dtype, lambda: f"{op}: grad_out and x must have the same dtype")
-    torch._check(grad_out.device == x.device, lambda: f"{op}: grad_out and x must be on the same device")
+    torch._check(grad_out.dtype == x.dtype,
+                 lambda: f"{op}: grad_out must have x's dtype (got x {x.dtype}, grad_out {grad_out.dtype})")
+    check_same_device(op, ("x", x), ("grad_out", grad_out))
     torch._check(
         tuple(grad_out.shape) == (*x.shape[:-1], out),
         lambda: f"{op}: grad_out must have the output's shape (x's leading dims, l·s = {out})",
@@ -136,7 +138,7 @@ def _monarch_matmul_backward_saved_fake(grad_out, x, w1, w2, mid, need_grad_x, n
         tuple(mid.shape) == (*x.shape[:-1], w1.shape[0] * w1.shape[1]),
         lambda: f"{op}: mid must have shape (x's leading dims, k·q), the middle activation of the forward",
     )
-    torch._check(mid.device == x.device, lambda: f"{op}: mid and x must be on the same device")
+    check_same_device(op, ("x", x), ("mid", mid))
     return _monarch_matmul_backward_fake(grad_out, x, w1, w2, need_grad_x, need_grad_w)
 
 

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_companion, companion_dtype
+from ._common import check_companion, check_same_device, companion_dtype
 
 __all__ = ["galore_project", "adam_lowrank_", "galore_update_", "dct_basis", "basis_scores", "dct_select",
            "adam_lowrank_8bit_", "STATE8_BLOCK"]
@@ -120,6 +120,7 @@ def _proj_dims(op: str, G, g_name: str, P, left: bool):
     _check_float(op, G, g_name)
     torch._check(P.dim() == 2, lambda: f"{op}: P must be 2-D, got a {P.dim()}-D tensor")
     check_companion(op, P, "P", G, g_name)
+    check_same_device(op, (g_name, G), ("P", P))
     m, n = G.shape
     if left:
         torch._check(P.shape[0] == m, lambda: f"{op}: left projection: P must be (m, r) with m = {m}")
@@ -144,6 +145,7 @@ def _galore_project_fake(G, P, left, want_sqnorms):
 def _adam_lowrank_fake(exp_avg, exp_avg_sq, R, beta1, beta2, eps):
     op = "lowrank.adam_lowrank_"
     torch._check(R.dtype in (torch.float32, torch.float64), lambda: f"{op}: R must be float32 (float64 on CPU)")
+    check_same_device(op, ("R", R), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq))
     torch._check(exp_avg.dtype == R.dtype and exp_avg_sq.dtype == R.dtype,
                  lambda: f"{op}: exp_avg, exp_avg_sq and R must have the same dtype")
     torch._check(exp_avg.shape == R.shape and exp_avg_sq.shape == R.shape,
@@ -159,6 +161,7 @@ def _galore_update_fake(W, M, P, left, decay, G=None, residual_scale=None):
     m, n, r = _proj_dims(op, W, "W", P, left)
     torch._check(W.is_contiguous(), lambda: f"{op}: W must be contiguous (it is updated in place)")
     check_companion(op, M, "M", W, "W")
+    check_same_device(op, ("W", W), ("M", M), ("G", G), ("residual_scale", residual_scale))
     want = (r, n) if left else (m, r)
     torch._check(tuple(M.shape) == want, lambda: f"{op}: M must be {want}, got {tuple(M.shape)}")
     torch._check((G is None) == (residual_scale is None),
@@ -188,6 +191,7 @@ def _basis_scores_fake(G, Q, left):
     torch._check(G.dim() == 2, lambda: f"{op}: G must be 2-D (m, n), got a {G.dim()}-D tensor")
     _check_float(op, G, "G")
     check_companion(op, Q, "Q", G, "G")
+    check_same_device(op, ("G", G), ("Q", Q))
     k = G.shape[0] if left else G.shape[1]
     torch._check(Q.dim() == 2 and Q.shape[0] == k and Q.shape[1] == k, lambda: f"{op}: Q must be ({k}, {k})")
     return G.new_empty((k,), dtype=companion_dtype(G.dtype))

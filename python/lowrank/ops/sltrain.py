@@ -4,6 +4,7 @@ from __future__ import annotations
 import torch
 
 from ._autograd import refuse_double_backward
+from ._common import check_same_device
 
 _FWD = "lowrank::sltrain_linear"
 _BWD = "lowrank::sltrain_linear_backward"
@@ -20,8 +21,8 @@ def sltrain_linear(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, values: to
             the ``(out, in)`` weight (not differentiable).
         scale: the low-rank scale (SLTrain's ``alpha / r``).
         bias: optional ``(out,)``.
-        check: validate ``indices`` first (every index in ``[0, out·in)``, no duplicates). It costs a pass over
-            the indices and, on CUDA, a device sync, so ``SLTrainLinear`` validates its fixed support once and
+        check: validate ``indices`` first (every index in ``[0, out·in)``, no duplicates). It costs a sort of
+            the indices (O(nnz log nnz) time, O(nnz) memory) and, on CUDA, a device sync, so ``SLTrainLinear`` validates its fixed support once and
             calls with ``check=False``. With ``check=False`` an out-of-range index is ignored (never written
             or read) and duplicates add up, but nothing crashes.
 
@@ -42,14 +43,20 @@ def _check_meta(op, x, A, B, values, indices, bias):
         x.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64),
         lambda: f"{op}: x must be float32, float16 or bfloat16 (float64 on CPU), got {x.dtype}",
     )
-    torch._check(x.dtype == A.dtype == B.dtype == values.dtype, lambda: f"{op}: x, A, B and values must share a dtype")
-    torch._check(indices.dtype in (torch.int32, torch.int64), lambda: f"{op}: indices must be int32 or int64")
-    torch._check(A.shape[1] == x.shape[-1], lambda: f"{op}: A must be (r, in) with in = x's last dimension")
-    torch._check(B.shape[1] == A.shape[0], lambda: f"{op}: B must be (out, r) with r = A.shape[0]")
-    torch._check(values.shape[0] == indices.shape[0], lambda: f"{op}: values and indices must have the same length")
+    for name, t in (("A", A), ("B", B), ("values", values)):
+        torch._check(t.dtype == x.dtype, lambda: f"{op}: {name} must have x's dtype (got x {x.dtype}, {name} {t.dtype})")
+    torch._check(indices.dtype in (torch.int32, torch.int64),
+                 lambda: f"{op}: indices must be int32 or int64 (got {indices.dtype})")
+    check_same_device(op, ("x", x), ("A", A), ("B", B), ("values", values), ("indices", indices), ("bias", bias))
+    torch._check(A.shape[1] == x.shape[-1],
+                 lambda: f"{op}: A must be (r, in) with in = x's last dimension (got A of {tuple(A.shape)})")
+    torch._check(B.shape[1] == A.shape[0],
+                 lambda: f"{op}: B must be (out, r) with r = A.shape[0] (got B of {tuple(B.shape)})")
+    torch._check(values.shape[0] == indices.shape[0],
+                 lambda: f"{op}: indices must have values' length (got {indices.shape[0]} and {values.shape[0]})")
     if bias is not None:
-        torch._check(bias.shape == (B.shape[0],), lambda: f"{op}: bias must be (out,)")
-        torch._check(bias.dtype == x.dtype, lambda: f"{op}: bias must have x's dtype")
+        torch._check(bias.shape == (B.shape[0],), lambda: f"{op}: bias must be (out,) (got {tuple(bias.shape)})")
+        torch._check(bias.dtype == x.dtype, lambda: f"{op}: bias must have x's dtype (got {bias.dtype})")
     return B.shape[0]
 
 
@@ -64,8 +71,11 @@ def _sltrain_linear_backward_fake(grad_out, x, A, B, values, indices, scale, has
                                   need_grad_lowrank, need_grad_values):
     op = "lowrank.sltrain_linear_backward"
     out = _check_meta(op, x, A, B, values, indices, None)
-    torch._check(tuple(grad_out.shape) == (*x.shape[:-1], out), lambda: f"{op}: grad_out must have the output's shape")
-    torch._check(grad_out.dtype == x.dtype, lambda: f"{op}: grad_out and x must have the same dtype")
+    torch._check(tuple(grad_out.shape) == (*x.shape[:-1], out),
+                 lambda: f"{op}: grad_out must have the output's shape (got {tuple(grad_out.shape)})")
+    torch._check(grad_out.dtype == x.dtype,
+                 lambda: f"{op}: grad_out must have x's dtype (got x {x.dtype}, grad_out {grad_out.dtype})")
+    check_same_device(op, ("x", x), ("grad_out", grad_out))
     empty = lambda t: t.new_empty((0,))  # noqa: E731
     return (
         x.new_empty(x.shape) if need_grad_x else empty(x),

@@ -242,6 +242,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     def load_state_dict(self, state_dict: dict) -> None:
         """torch's loader, except that state tensors keep their saved dtype (fp32 moments of bf16 weights)."""
+        check_state_matches_params(self.param_groups, state_dict)
         super().load_state_dict(state_dict)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
@@ -252,6 +253,35 @@ class GaLoreAdamW(torch.optim.Optimizer):
             for key, value in saved.items():
                 if torch.is_tensor(value):
                     self.state[p][key] = value.to(device=p.device, copy=True)
+
+
+def check_state_matches_params(param_groups: list[dict], state_dict: dict) -> None:
+    """Refuse, at load time, a state whose tensors do not fit the parameters they would be given (torch pairs
+    saved and current parameters by position: groups passed in another order would otherwise fail, or
+    silently mix states, only at the next step)."""
+    saved_groups = state_dict["param_groups"]
+    if len(saved_groups) != len(param_groups):
+        return  # torch's own loader raises for this
+    for gi, (saved_g, g) in enumerate(zip(saved_groups, param_groups)):
+        for pid, p in zip(saved_g["params"], g["params"]):
+            st = state_dict["state"].get(pid)
+            if not st:
+                continue
+            want = {}
+            if saved_g.get("rank") is not None and p.dim() == 2:
+                left = _projects_left(p.shape, saved_g.get("proj_type", "std"))
+                r, (m, n) = min(saved_g["rank"], *p.shape), p.shape
+                want = {"exp_avg": (r, n) if left else (m, r), "exp_avg_sq": (r, n) if left else (m, r),
+                        "P": (m, r) if left else (r, n), "basis_idx": (r,)}
+            else:
+                want = {"exp_avg": tuple(p.shape), "exp_avg_sq": tuple(p.shape)}
+            for key, shape in want.items():
+                got = st.get(key)
+                if torch.is_tensor(got) and tuple(got.shape) != shape:
+                    raise ValueError(
+                        f"GaLoreAdamW.load_state_dict: group {gi}'s parameter of shape {tuple(p.shape)} would get "
+                        f"{key} of shape {tuple(got.shape)}, expected {shape}: the saved state belongs to another "
+                        "parameter (were the param groups or their parameters given in another order?)")
 
 
 class PerLayerStep:
