@@ -50,6 +50,7 @@ import torch
 
 from ..ops import projection as _ops
 from ..ops._common import companion_dtype
+from ..reference.projection import galore_project_reference, galore_update_reference
 from ._sharding import Layout, local
 
 __all__ = ["GaLoreAdamW", "shared_dct_basis"]
@@ -264,12 +265,10 @@ class GaLoreAdamW(torch.optim.Optimizer):
         completed by one all-reduce."""
         if not left:
             return _ops.galore_project(G, P, False, want_sqnorms)
-        n = G.shape[1]
-        if G.shape[0]:
+        if G.shape[0] >= P.shape[1]:
             R, sq = _ops.galore_project(G, P, True, want_sqnorms)
-        else:  # this process holds no rows: its partial sums are zero
-            R = G.new_zeros((P.shape[1], n), dtype=P.dtype)
-            sq = G.new_zeros((n if want_sqnorms else 0,), dtype=P.dtype)
+        else:  # a shard with fewer rows than the rank (or none), which the fused kernel does not take
+            R, sq = galore_project_reference(G, P, True, want_sqnorms)
         if not lay.sharded:
             return R, sq
         if not want_sqnorms:
@@ -342,6 +341,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
     def _update(W: torch.Tensor, M: torch.Tensor, P: torch.Tensor, left: bool, decay: float,
                 G: torch.Tensor | None = None, residual_scale: torch.Tensor | None = None) -> None:
         if W.numel() == 0:  # this process holds no rows of W
+            return
+        if left and W.shape[0] < P.shape[1]:  # a shard thinner than the rank: not a shape the fused kernel takes
+            galore_update_reference(W, M, P, True, decay, G, residual_scale)
             return
         # the fused update writes W in place and needs it contiguous: a strided parameter (a transposed view)
         # is updated through a contiguous copy

@@ -1,0 +1,274 @@
+"""GaLoreAdamW under FSDP2 (fully_shard) and per-layer stepping under DDP: gloo, 2 CPU processes.
+
+One spawn runs every case (process groups are slow to start) and rank 0 saves the measurements; the tests below
+assert on them. References: the same model trained in one process on the whole global batch (FSDP2), and
+regular DDP + GaLoreAdamW (per-layer DDP).
+"""
+from __future__ import annotations
+
+import copy
+import os
+import socket
+import tempfile
+import time
+import traceback
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+WORLD = 2
+STEPS, GAP, RANK = 4, 2, 4  # refreshes at steps 0 and 2
+FSDP_CASES = {
+    "svd": {}, "dct": {"basis": "dct"}, "randomized": {"basis": "randomized"},
+    "fira_svd": {"fira": True}, "fira_dct": {"fira": True, "basis": "dct"},
+    "fira_randomized": {"fira": True, "basis": "randomized"},
+}
+
+
+class Net(nn.Module):
+    """Right- and left-projected weights, uneven row shards (7 rows: 4 + 3) and a 1-row weight whose second
+    shard is empty, plus biases and a norm for the plain AdamW group."""
+
+    def __init__(self):
+        super().__init__()
+        self.up = nn.Linear(12, 20)      # (20, 12): right
+        self.down = nn.Linear(20, 12)    # (12, 20): left
+        self.norm = nn.RMSNorm(12)
+        self.odd = nn.Linear(12, 7)      # (7, 12): right, rows 4 + 3
+        self.score = nn.Linear(12, 1)    # (1, 12): left, rank 1, rows 1 + 0
+
+    def forward(self, x):
+        h = self.norm(self.down(torch.tanh(self.up(x))))
+        return torch.cat([self.odd(h), self.score(h)], dim=-1)
+
+
+def groups_of(model, **opts):
+    mats = [model.up.weight, model.down.weight, model.odd.weight, model.score.weight]
+    others = [p for p in model.parameters() if all(p is not q for q in mats)]
+    return [{"params": mats, "rank": RANK, "update_proj_gap": GAP, "scale": 0.5, **opts}, {"params": others}]
+
+
+def batches(steps, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [(torch.randn(8, 12, generator=gen), torch.randn(8, 8, generator=gen)) for _ in range(steps)]
+
+
+def train(model, opt, data, rank=None):
+    """Steps on the whole batch (rank None) or this process's half of it."""
+    for x, y in data:
+        if rank is not None:
+            x, y = x.chunk(WORLD)[rank], y.chunk(WORLD)[rank]
+        loss = nn.functional.mse_loss(model(x), y)
+        loss.backward()
+        if opt is not None:
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+
+
+def full_params(model):
+    from torch.distributed.tensor import DTensor
+    return {n: (p.full_tensor() if isinstance(p, DTensor) else p).detach().clone() for n, p in model.named_parameters()}
+
+
+def max_rel(a: dict, b: dict) -> float:
+    return max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-30)).item() for k in a)
+
+
+# ------------------------------------------------------------------------------------------- worker cases
+def fsdp_cases(rank, results, tmp):
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.fsdp import fully_shard
+    from lowrank.optim import GaLoreAdamW
+
+    def sharded(model):
+        for m in (model.up, model.down, model.odd, model.score):
+            fully_shard(m)
+        return fully_shard(model)
+
+    torch.manual_seed(0)
+    base = Net()
+    data = batches(STEPS + 3)
+    for name, opts in FSDP_CASES.items():
+        single = copy.deepcopy(base)
+        train(single, GaLoreAdamW(groups_of(single, **opts), lr=1e-2, weight_decay=0.1), data[:STEPS])
+        model = sharded(copy.deepcopy(base))
+        opt = GaLoreAdamW(groups_of(model, **opts), lr=1e-2, weight_decay=0.1)
+        train(model, opt, data[:STEPS], rank)
+        got = full_params(model)
+        results[f"fsdp_{name}_err"] = max_rel(got, full_params(single))
+        results[f"fsdp_{name}_moved"] = max_rel(full_params(single), full_params(base))
+        st = opt.state[model.odd.weight]
+        results[f"fsdp_{name}_state_types"] = sorted(f"{k}:{type(v).__name__}" for k, v in st.items())
+    # distributed checkpoint: save after 2 steps, resume, and compare with uninterrupted training
+    for name in ("fira_dct", "svd", "randomized"):
+        opts = FSDP_CASES[name]
+        model = sharded(copy.deepcopy(base))
+        opt = GaLoreAdamW(groups_of(model, **opts), lr=1e-2, weight_decay=0.1)
+        train(model, opt, data[:3], rank)
+        msd, osd = get_state_dict(model, opt)
+        path = os.path.join(tmp, f"ckpt_{name}")
+        dcp.save({"model": msd, "optim": osd}, checkpoint_id=path)
+        train(model, opt, data[3:], rank)
+        torch.manual_seed(1)
+        fresh = sharded(Net())  # different weights: everything must come from the checkpoint
+        opt2 = GaLoreAdamW(groups_of(fresh, **opts), lr=1e-2, weight_decay=0.1)
+        msd2, osd2 = get_state_dict(fresh, opt2)
+        sd = {"model": msd2, "optim": osd2}
+        dcp.load(sd, checkpoint_id=path)
+        set_state_dict(fresh, opt2, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
+        train(fresh, opt2, data[3:], rank)
+        results[f"dcp_{name}_err"] = max_rel(full_params(fresh), full_params(model))
+    # per-layer stepping refuses FSDP
+    from lowrank.optim import register_per_layer_step
+    try:
+        register_per_layer_step(sharded(copy.deepcopy(base)), lr=1e-2)
+        results["fsdp_per_layer_refused"] = ""
+    except NotImplementedError as e:
+        results["fsdp_per_layer_refused"] = str(e)
+
+
+def ddp_cases(rank, results):
+    from torch.nn.parallel import DistributedDataParallel as DDP
+    from lowrank.optim import GaLoreAdamW, register_per_layer_step
+
+    torch.manual_seed(0)
+    base = Net()
+    data = batches(5, seed=3)
+    for name, opts in (("galore", {}), ("fira_dct", {"fira": True, "basis": "dct"})):
+        regular = DDP(copy.deepcopy(base))
+        train(regular, GaLoreAdamW(groups_of(regular.module, **opts), lr=1e-2, weight_decay=0.1), data, rank)
+        per_layer = DDP(copy.deepcopy(base), gradient_as_bucket_view=True, bucket_cap_mb=0.0005)
+        handle = register_per_layer_step(groups_of(per_layer.module, **opts), ddp=per_layer, lr=1e-2,
+                                         weight_decay=0.1)
+        train(per_layer, None, data, rank)
+        results[f"ddp_{name}_err"] = max_rel(full_params(per_layer.module), full_params(regular.module))
+        results[f"ddp_{name}_moved"] = max_rel(full_params(regular.module), full_params(base))
+        # the replicas agree with each other
+        mine = torch.cat([p.detach().flatten() for p in per_layer.module.parameters()])
+        other = [torch.empty_like(mine) for _ in range(WORLD)]
+        dist.all_gather(other, mine)
+        results[f"ddp_{name}_replica_diff"] = (other[0] - other[1]).abs().max().item()
+        results[f"ddp_{name}_grads_zero"] = all(p.grad is None or not p.grad.any()
+                                                for p in per_layer.module.parameters())
+        results[f"ddp_{name}_optimizers"] = len(handle.optimizers)
+    errors = {}
+    try:
+        register_per_layer_step(copy.deepcopy(base), lr=1e-2)
+    except RuntimeError as e:
+        errors["no_ddp"] = str(e)
+    try:
+        register_per_layer_step(DDP(copy.deepcopy(base)), lr=1e-2)
+    except ValueError as e:
+        errors["bucket_view"] = str(e)
+    results["ddp_errors"] = errors
+
+
+def memory_case(rank, results):
+    from lowrank.optim import memory
+    torch.manual_seed(0)
+    tokens = torch.randint(0, 64, (2, 9))
+    model = memory.shard_llama_like(memory.llama_like(vocab=64, hidden=32, intermediate=48, layers=2, heads=2))
+    got = memory.measure_step_memory(model, lambda m: memory.lm_loss(m, tokens), "galore", rank=8,
+                                     update_proj_gap=2)
+    torch.manual_seed(0)
+    whole = memory.llama_like(vocab=64, hidden=32, intermediate=48, layers=2, heads=2)
+    ref = memory.measure_step_memory(whole, lambda m: memory.lm_loss(m, tokens), "galore", rank=8,
+                                     update_proj_gap=2)
+    results["memory_fsdp"] = (got.params, got.grads, got.state, got.peak)
+    results["memory_whole"] = (ref.params, ref.grads, ref.state, ref.peak)
+
+
+def worker(rank, port, tmp):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    results = {}
+    try:
+        for case in (lambda: fsdp_cases(rank, results, tmp), lambda: ddp_cases(rank, results),
+                     lambda: memory_case(rank, results)):
+            try:
+                case()
+            except Exception:  # record and go on: one broken case must not hide the others
+                results.setdefault("exceptions", []).append(traceback.format_exc())
+        all_results = [None] * WORLD
+        dist.all_gather_object(all_results, results)
+        if rank == 0:
+            torch.save(all_results, os.path.join(tmp, "results.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def results():
+    with tempfile.TemporaryDirectory() as tmp:
+        ctx = mp.start_processes(worker, args=(_free_port(), tmp), nprocs=WORLD, join=False, start_method="spawn")
+        deadline = time.monotonic() + 180
+        while not ctx.join(timeout=5):
+            if time.monotonic() > deadline:
+                for p in ctx.processes:
+                    p.kill()
+                pytest.fail("distributed worker timed out")
+        return torch.load(os.path.join(tmp, "results.pt"), weights_only=False)
+
+
+def test_no_worker_exceptions(results):
+    for r, res in enumerate(results):
+        assert not res.get("exceptions"), f"rank {r}:\n" + "\n".join(res["exceptions"])
+
+
+@pytest.mark.parametrize("case", list(FSDP_CASES))
+def test_fsdp2_equals_single_process(results, case):
+    res = results[0]
+    err, moved = res[f"fsdp_{case}_err"], res[f"fsdp_{case}_moved"]
+    print(f"{case}: rel err {err:.2e} (moved {moved:.2e}); state {res[f'fsdp_{case}_state_types']}")
+    assert moved > 1e-2
+    assert err <= 2e-5
+    assert all(t.endswith("DTensor") or t.endswith("int") for t in res[f"fsdp_{case}_state_types"])
+
+
+@pytest.mark.parametrize("case", ["fira_dct", "svd", "randomized"])
+def test_fsdp2_checkpoint_resume_equals_uninterrupted(results, case):
+    err = results[0][f"dcp_{case}_err"]
+    print(f"{case}: resumed vs uninterrupted rel err {err:.2e}")
+    assert err <= 1e-6
+
+
+def test_per_layer_refuses_fsdp(results):
+    assert "FSDP2" in results[0]["fsdp_per_layer_refused"]
+
+
+@pytest.mark.parametrize("case", ["galore", "fira_dct"])
+def test_ddp_per_layer_equals_regular_ddp(results, case):
+    for res in results:
+        err = res[f"ddp_{case}_err"]
+        print(f"{case}: per-layer DDP vs DDP rel err {err:.2e}")
+        assert err <= 1e-6 and res[f"ddp_{case}_moved"] > 1e-2
+        assert res[f"ddp_{case}_replica_diff"] == 0.0
+        assert res[f"ddp_{case}_grads_zero"]
+        assert res[f"ddp_{case}_optimizers"] == 9
+
+
+def test_ddp_per_layer_refusals(results):
+    errors = results[0]["ddp_errors"]
+    assert "un-averaged" in errors.get("no_ddp", "")
+    assert "gradient_as_bucket_view=True" in errors.get("bucket_view", "")
+
+
+def test_fsdp2_memory_is_sharded(results):
+    params, grads, state, peak = results[0]["memory_fsdp"]
+    whole = results[0]["memory_whole"]
+    print("fsdp rank 0", results[0]["memory_fsdp"], "rank 1", results[1]["memory_fsdp"], "whole", whole)
+    # each process holds about half of the parameters and gradients
+    total = params + results[1]["memory_fsdp"][0]
+    assert total >= whole[0] and params < 0.6 * whole[0]
+    assert 0 < grads < 0.6 * whole[1] and 0 < state < whole[2]
