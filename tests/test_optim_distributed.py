@@ -25,6 +25,7 @@ FSDP_CASES = {
     "svd": {}, "dct": {"basis": "dct"}, "randomized": {"basis": "randomized"},
     "fira_svd": {"fira": True}, "fira_dct": {"fira": True, "basis": "dct"},
     "fira_randomized": {"fira": True, "basis": "randomized"},
+    "bf16_fira_dct": {"fira": True, "basis": "dct"},  # bf16 weights and gradients, fp32 state
 }
 
 
@@ -74,7 +75,8 @@ def full_params(model):
 
 
 def max_rel(a: dict, b: dict) -> float:
-    return max(((a[k] - b[k]).abs().max() / b[k].abs().max().clamp_min(1e-30)).item() for k in a)
+    return max(((a[k].double() - b[k].double()).abs().max() / b[k].double().abs().max().clamp_min(1e-30)).item()
+               for k in a)
 
 
 # ------------------------------------------------------------------------------------------- worker cases
@@ -93,14 +95,17 @@ def fsdp_cases(rank, results, tmp):
     base = Net()
     data = batches(STEPS + 3)
     for name, opts in FSDP_CASES.items():
-        single = copy.deepcopy(base)
-        train(single, GaLoreAdamW(groups_of(single, **opts), lr=1e-2, weight_decay=0.1), data[:STEPS])
-        model = sharded(copy.deepcopy(base))
+        dtype = torch.bfloat16 if name.startswith("bf16") else torch.float32
+        start = copy.deepcopy(base).to(dtype)
+        cast = [(x.to(dtype), y.to(dtype)) for x, y in data[:STEPS]]
+        single = copy.deepcopy(start)
+        train(single, GaLoreAdamW(groups_of(single, **opts), lr=1e-2, weight_decay=0.1), cast)
+        model = sharded(copy.deepcopy(start))
         opt = GaLoreAdamW(groups_of(model, **opts), lr=1e-2, weight_decay=0.1)
-        train(model, opt, data[:STEPS], rank)
+        train(model, opt, cast, rank)
         got = full_params(model)
         results[f"fsdp_{name}_err"] = max_rel(got, full_params(single))
-        results[f"fsdp_{name}_moved"] = max_rel(full_params(single), full_params(base))
+        results[f"fsdp_{name}_moved"] = max_rel(full_params(single), full_params(start))
         st = opt.state[model.odd.weight]
         results[f"fsdp_{name}_state_types"] = sorted(f"{k}:{type(v).__name__}" for k, v in st.items())
     # distributed checkpoint: save after 2 steps, resume, and compare with uninterrupted training
@@ -232,7 +237,8 @@ def test_fsdp2_equals_single_process(results, case):
     err, moved = res[f"fsdp_{case}_err"], res[f"fsdp_{case}_moved"]
     print(f"{case}: rel err {err:.2e} (moved {moved:.2e}); state {res[f'fsdp_{case}_state_types']}")
     assert moved > 1e-2
-    assert err <= 2e-5
+    # bf16: the two runs sum R's partial products in different orders (fp32), then round W to bf16
+    assert err <= (2e-2 if case.startswith("bf16") else 2e-5)
     assert all(t.endswith("DTensor") or t.endswith("int") for t in res[f"fsdp_{case}_state_types"])
 
 
@@ -272,3 +278,52 @@ def test_fsdp2_memory_is_sharded(results):
     total = params + results[1]["memory_fsdp"][0]
     assert total >= whole[0] and params < 0.6 * whole[0]
     assert 0 < grads < 0.6 * whole[1] and 0 < state < whole[2]
+
+
+# ------------------------------------------------------------------------------------------- memory, one process
+def _memory(method, **kw):
+    from lowrank.optim import memory
+    torch.manual_seed(0)
+    model = memory.llama_like(vocab=64, hidden=32, intermediate=48, layers=2, heads=2)
+    tokens = torch.randint(0, 64, (2, 9))
+    return model, memory.measure_step_memory(model, lambda m: memory.lm_loss(m, tokens), method, rank=8,
+                                             update_proj_gap=2, **kw)
+
+
+def test_measured_memory_by_method():
+    """Exact byte counts: AdamW keeps 2 fp32 moments per weight; ours keeps rank-r moments + P for each
+    projected (attention / MLP) weight; per-layer stepping holds one gradient at a time."""
+    model, adamw = _memory("adamw")
+    params = [p for p in model.parameters()]
+    total = sum(p.numel() * 4 for p in params)
+    state = 2 * total + 4 * len(params)  # torch's AdamW also keeps a float32 step tensor per parameter
+    assert (adamw.params, adamw.grads, adamw.state, adamw.peak) == (total, total, state, 2 * total + state)
+    model, ours = _memory("galore")
+    want_state = 0
+    for name, p in model.named_parameters():
+        if p.dim() == 2 and "_proj" in name:
+            m, n = p.shape
+            r_side = m * 8 if m >= n else 8 * n  # R: (m, r) on the right, (r, n) on the left
+            want_state += 4 * (2 * r_side + (8 * n if m >= n else m * 8))  # moments + P
+        else:
+            want_state += 4 * 2 * p.numel()
+    assert (ours.params, ours.grads, ours.state) == (total, total, want_state)
+    _, per_layer = _memory("galore_per_layer")
+    assert per_layer.state == want_state
+    assert per_layer.grads <= max(p.numel() * 4 for p in params)  # one gradient at the worst instant
+    assert per_layer.peak < ours.peak < adamw.peak
+    _, dct = _memory("galore_per_layer", basis="dct")
+    assert dct.state < per_layer.state  # r int32 indices instead of P
+    print({m.method: m.as_mib() for m in (adamw, ours, per_layer, dct)})
+
+
+def test_measured_memory_galore_torch_and_8bit_hook():
+    pytest.importorskip("galore_torch")
+    _, ours = _memory("galore")
+    _, theirs = _memory("galore_torch")
+    print("galore-torch", theirs.as_mib(), "ours", ours.as_mib())
+    assert theirs.params == ours.params and theirs.state >= ours.state
+    with pytest.raises(NotImplementedError, match="8-bit"):
+        _memory("galore_8bit")
+    with pytest.raises(ValueError, match="method"):
+        _memory("sgd")

@@ -41,8 +41,8 @@ EIGHT_BIT_OPTIONS: dict | None = None
 
 @dataclasses.dataclass
 class StepMemory:
-    """Bytes at the worst sampled instant of a step (``peak``) and its parts; ``state`` is also the largest
-    optimizer state seen. Per process for a sharded model."""
+    """Bytes at the worst sampled instant of a step: ``peak`` = ``params`` + ``grads`` + ``state``, the parts as
+    they were at that instant. Per process for a sharded model."""
     method: str
     params: int
     grads: int
@@ -158,12 +158,10 @@ class _Meter:
         self.params, self.optimizers = params, optimizers
         self.param_bytes = _bytes(params)
         self.best = (0, 0, 0)  # peak, grads, state
-        self.max_state = 0
 
     def sample(self, *_):
         grads = _bytes(p.grad for p in self.params)
         state = _optimizer_state_bytes(self.optimizers)
-        self.max_state = max(self.max_state, state)
         total = self.param_bytes + grads + state
         if total > self.best[0]:
             self.best = (total, grads, state)
