@@ -276,15 +276,16 @@ class GaLoreAdamW(torch.optim.Optimizer):
         both = lay.all_reduce_(torch.cat([R, sq.unsqueeze(0)]))
         return both[:-1], both[-1]
 
-    def _moments(self, state: dict, R: torch.Tensor, left: bool, lay: Layout) -> tuple[torch.Tensor, torch.Tensor]:
-        """Adam's first and second moments of the projected gradient, created zero at the first step: the one
-        place the rank-r moments are made and read. They follow R's layout (W's rows on the right, replicated on
-        the left)."""
+    def _adam(self, state: dict, R: torch.Tensor, group: dict, left: bool, lay: Layout) -> torch.Tensor:
+        """Adam on the projected gradient: updates the rank-r moments in ``state`` and returns N = m/(√v+eps).
+        The one place the moments are created (zero, at the first step), read and written; they follow R's
+        layout (W's rows on the right, replicated on the left)."""
         if "exp_avg" not in state:
             shape = tuple(R.shape) if left else (lay.shape[0], R.shape[1])
             for key in ("exp_avg", "exp_avg_sq"):
                 state[key] = lay.wrap(torch.zeros_like(R), not left, shape)
-        return local(state["exp_avg"]), local(state["exp_avg_sq"])
+        beta1, beta2 = group["betas"]
+        return _ops.adam_lowrank_(local(state["exp_avg"]), local(state["exp_avg_sq"]), R, beta1, beta2, group["eps"])
 
     def _projected_step(self, p: torch.Tensor, group: dict) -> None:
         lay = Layout(p)
@@ -309,10 +310,8 @@ class GaLoreAdamW(torch.optim.Optimizer):
                 R.add_(acc)
         else:
             R, sqnorms = acc, None
-        exp_avg, exp_avg_sq = self._moments(state, R, left, lay)
         state["step"] += 1
-        beta1, beta2 = group["betas"]
-        N = _ops.adam_lowrank_(exp_avg, exp_avg_sq, R, beta1, beta2, group["eps"])
+        N = self._adam(state, R, group, left, lay)
         step_size, alpha = self._step_size(group, state["step"]), group["scale"]
         decay = 1.0 - group["lr"] * group["weight_decay"] if group["weight_decay"] > 0.0 else 1.0
         if not fira:

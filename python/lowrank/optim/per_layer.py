@@ -146,6 +146,10 @@ def register_per_layer_step(params, make_optimizer: Callable[[list], torch.optim
     if ddp is not None:
         if accumulation_steps != 1:
             raise NotImplementedError("register_per_layer_step: accumulation_steps > 1 is not supported with DDP")
+        if ddp.find_unused_parameters:
+            raise NotImplementedError(
+                "register_per_layer_step: DDP with find_unused_parameters=True is not supported: a parameter "
+                "unused on every process would be stepped on a zero gradient, which regular DDP training skips")
         if not ddp.gradient_as_bucket_view:
             raise ValueError(
                 "register_per_layer_step: build DistributedDataParallel with gradient_as_bucket_view=True; "
