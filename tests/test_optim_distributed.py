@@ -30,15 +30,16 @@ FSDP_CASES = {
 
 
 class Net(nn.Module):
-    """Right- and left-projected weights, uneven row shards (7 rows: 4 + 3) and a 1-row weight whose second
-    shard is empty, plus biases and a norm for the plain AdamW group."""
+    """Right- and left-projected weights with uneven row (and, on the left, moment-column) shards, a shard
+    thinner than the rank and a 1-row weight whose second shard is empty, plus biases and a norm for the plain
+    AdamW group."""
 
     def __init__(self):
         super().__init__()
-        self.up = nn.Linear(12, 20)      # (20, 12): right
-        self.down = nn.Linear(20, 12)    # (12, 20): left
+        self.up = nn.Linear(12, 21)      # (21, 12): right, rows 11 + 10
+        self.down = nn.Linear(21, 12)    # (12, 21): left, rows 6 + 6, moment columns 11 + 10
         self.norm = nn.RMSNorm(12)
-        self.odd = nn.Linear(12, 7)      # (7, 12): right, rows 4 + 3
+        self.odd = nn.Linear(12, 7)      # (7, 12): left, rows 4 + 3 (< rank 4)
         self.score = nn.Linear(12, 1)    # (1, 12): left, rank 1, rows 1 + 0
 
     def forward(self, x):
@@ -106,7 +107,18 @@ def fsdp_cases(rank, results, tmp):
         got = full_params(model)
         results[f"fsdp_{name}_err"] = max_rel(got, full_params(single))
         results[f"fsdp_{name}_moved"] = max_rel(full_params(single), full_params(start))
+        if dtype != torch.float32:  # bf16 gradients of half batches differ from one whole-batch gradient by
+            split = copy.deepcopy(start)  # rounding: the same split in one process measures that noise floor
+            opt_split = GaLoreAdamW(groups_of(split, **opts), lr=1e-2, weight_decay=0.1)
+            for x, y in cast:
+                for xb, yb in zip(x.chunk(WORLD), y.chunk(WORLD)):
+                    (nn.functional.mse_loss(split(xb), yb) / WORLD).backward()
+                opt_split.step()
+                opt_split.zero_grad(set_to_none=True)
+            results[f"fsdp_{name}_noise"] = max_rel(full_params(split), full_params(single))
         st = opt.state[model.odd.weight]
+        results[f"fsdp_{name}_moment_placements"] = (str(opt.state[model.up.weight]["exp_avg"].placements),
+                                                     str(opt.state[model.down.weight]["exp_avg"].placements))
         results[f"fsdp_{name}_state_types"] = sorted(f"{k}:{type(v).__name__}" for k, v in st.items())
     # distributed checkpoint: save after 2 steps, resume, and compare with uninterrupted training
     for name in ("fira_dct", "svd", "randomized"):
@@ -169,6 +181,11 @@ def ddp_cases(rank, results):
         register_per_layer_step(DDP(copy.deepcopy(base)), lr=1e-2)
     except ValueError as e:
         errors["bucket_view"] = str(e)
+    try:
+        register_per_layer_step(DDP(copy.deepcopy(base), gradient_as_bucket_view=True,
+                                    find_unused_parameters=True), lr=1e-2)
+    except NotImplementedError as e:
+        errors["unused"] = str(e)
     results["ddp_errors"] = errors
 
 
@@ -237,9 +254,15 @@ def test_fsdp2_equals_single_process(results, case):
     err, moved = res[f"fsdp_{case}_err"], res[f"fsdp_{case}_moved"]
     print(f"{case}: rel err {err:.2e} (moved {moved:.2e}); state {res[f'fsdp_{case}_state_types']}")
     assert moved > 1e-2
-    # bf16: the two runs sum R's partial products in different orders (fp32), then round W to bf16
-    assert err <= (2e-2 if case.startswith("bf16") else 2e-5)
+    if case.startswith("bf16"):  # at most twice what splitting the batch does to bf16 training in one process
+        noise = res[f"fsdp_{case}_noise"]
+        print(f"{case}: one-process split-batch deviation {noise:.2e}")
+        assert err <= 2 * noise + 1e-3
+    else:
+        assert err <= 2e-5
     assert all(t.endswith("DTensor") or t.endswith("int") for t in res[f"fsdp_{case}_state_types"])
+    # moments shard like R: rows of a right-projected weight, columns of a left-projected one
+    assert list(res[f"fsdp_{case}_moment_placements"]) == ["(Shard(dim=0),)", "(Shard(dim=1),)"], res[f"fsdp_{case}_moment_placements"]
 
 
 @pytest.mark.parametrize("case", ["fira_dct", "svd", "randomized"])
@@ -268,6 +291,7 @@ def test_ddp_per_layer_refusals(results):
     errors = results[0]["ddp_errors"]
     assert "un-averaged" in errors.get("no_ddp", "")
     assert "gradient_as_bucket_view=True" in errors.get("bucket_view", "")
+    assert "find_unused_parameters" in errors.get("unused", "")
 
 
 def test_fsdp2_memory_is_sharded(results):
@@ -277,7 +301,8 @@ def test_fsdp2_memory_is_sharded(results):
     # each process holds about half of the parameters and gradients
     total = params + results[1]["memory_fsdp"][0]
     assert total >= whole[0] and params < 0.6 * whole[0]
-    assert 0 < grads < 0.6 * whole[1] and 0 < state < whole[2]
+    assert 0 < grads < 0.6 * whole[1]
+    assert 0 < state < 0.65 * whole[2]  # moments sharded; only right-projected P (r, n) are replicated
 
 
 # ------------------------------------------------------------------------------------------- memory, one process

@@ -52,7 +52,7 @@ class Layout:
                 f"row sharding (one Shard(0), as FSDP2's fully_shard makes) and replication")
         if not shard_dims:
             return
-        mesh_dim = shard_dims[0]
+        mesh_dim = self.mesh_dim = shard_dims[0]
         self.group = self.mesh.get_group(mesh_dim)
         self.world = self.mesh.size(mesh_dim)
         self.index = self.mesh.get_local_rank(mesh_dim)
@@ -66,12 +66,15 @@ class Layout:
                                       f"expected the torch.chunk share {self.end - self.start}")
 
     # ---------------------------------------------------------------------------------- state tensors
-    def wrap(self, t: torch.Tensor, rows_sharded: bool, global_shape: tuple) -> torch.Tensor:
+    def wrap(self, t: torch.Tensor, shard_dim: int | None, global_shape: tuple) -> torch.Tensor:
         """A state tensor as it is stored: ``t`` itself for a plain parameter, else a DTensor on the parameter's
-        mesh, row-sharded like it (``rows_sharded``) or replicated, so distributed checkpoints see its layout."""
+        mesh, holding this process's ``torch.chunk`` block along ``shard_dim`` (0: the parameter's rows, 1: a
+        column block) or replicated (None), so distributed checkpoints see its layout."""
         if self.mesh is None:
             return t
-        placements = self.placements if rows_sharded else tuple(Replicate() for _ in self.placements)
+        placements = [Replicate() for _ in self.placements]
+        if shard_dim is not None and self.sharded:
+            placements[self.mesh_dim] = Shard(shard_dim)
         stride = tuple(math.prod(global_shape[i + 1:]) for i in range(len(global_shape)))
         return DTensor.from_local(t, self.mesh, placements, run_check=False, shape=torch.Size(global_shape),
                                   stride=stride)
@@ -94,8 +97,22 @@ class Layout:
         """The whole ``(rows, k)`` matrix from each process's row block ``t`` (an all-gather of ``rows × k``)."""
         if not self.sharded:
             return t
-        full = self.wrap(t.contiguous(), True, (rows, t.shape[1]))
-        return full.full_tensor()
+        return self.wrap(t.contiguous(), 0, (rows, t.shape[1])).full_tensor()
+
+    def own_cols(self, n: int) -> slice | None:
+        """This process's ``torch.chunk`` block of n columns (None unless sharded): left-projected moments are
+        kept column-sharded, so the ``r × n`` state is split like the weight is."""
+        if not self.sharded:
+            return None
+        chunk = math.ceil(n / self.world)
+        start = min(self.index * chunk, n)
+        return slice(start, min(start + chunk, n))
+
+    def gather_cols(self, t: torch.Tensor, cols: int) -> torch.Tensor:
+        """The whole ``(k, cols)`` matrix from each process's column block ``t`` (an all-gather of ``k × cols``)."""
+        if not self.sharded:
+            return t
+        return self.wrap(t.contiguous(), 1, (t.shape[0], cols)).full_tensor()
 
     def own_rows(self, t: torch.Tensor) -> torch.Tensor:
         """This process's block of a replicated matrix with the parameter's rows."""

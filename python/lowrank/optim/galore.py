@@ -23,8 +23,10 @@ m < n → left, P (m, r) = U[:, :r], R = Pᵀ·G (r, n), back(M) = P·M.
 Row-sharded parameters (FSDP2's ``fully_shard``; see ``_sharding``): process k holds rows G_k, W_k.
     right:  R_k = G_k·Pᵀ, moments, φ and the update are local; P (r, n) replicated. Fira's ‖S‖² is summed over
             the processes (one scalar all-reduce).
-    left:   R = Σ_k P_kᵀ·G_k (one r × n all-reduce; Fira's column norms ride along as one more row); moments
-            (r, n) replicated; W_k ← decay·(W_k − P_k·M − s ⊙ G_k) is local with P_k the own rows of P.
+    left:   R = Σ_k P_kᵀ·G_k (one r × n all-reduce; Fira's column norms ride along as one more row); the
+            moments are column-sharded: Adam and Fira's per-column factors run on this process's columns (plus
+            Fira's scalar all-reduce) and the finished M (with Fira's column scales as one more row) is
+            all-gathered (r × n); W_k ← decay·(W_k − P_k·M − s ⊙ G_k) is local with P_k the own rows of P.
     refresh dct:        right: scores summed over the processes (an all-reduce of n scores); left: the
                         coefficients Q·G need whole columns, so G goes from row blocks to column blocks by
                         one all-to-all (each process sends one shard's worth) and m scores are all-reduced.
@@ -33,8 +35,8 @@ Row-sharded parameters (FSDP2's ``fully_shard``; see ``_sharding``): process k h
     refresh svd:        needs the whole G: it is all-gathered on refresh steps only (every update_proj_gap
                         steps, a transient m × n buffer on every process), and every process runs the SVD.
 The chosen indices are broadcast from the group's first process, so processes never disagree on the subspace.
-State tensors are DTensors on the parameter's mesh (row-sharded where they follow W's rows, else replicated),
-so ``torch.distributed.checkpoint`` saves and reshards them.
+State tensors are DTensors on the parameter's mesh (moments and a left P sharded; a right P (r, n), DCT indices
+and Fira's norm replicated), so ``torch.distributed.checkpoint`` saves and reshards them.
 
 Gradient accumulation in per-layer mode (``accumulate_grad``): between micro-batches only the rank-r R of the
 summed gradient is kept (R is linear in G), except when the step refreshes the subspace (the new basis is
@@ -220,7 +222,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
             else:
                 scores = _ops.basis_scores(G, Q, False) if G.shape[0] else G.new_zeros(n, dtype=sdtype)
             lay.all_reduce_(scores)
-            state["basis_idx"] = lay.wrap(lay.broadcast_(_top_indices(scores, rank)), False, (rank,))
+            state["basis_idx"] = lay.wrap(lay.broadcast_(_top_indices(scores, rank)), None, (rank,))
             return
         if basis == "svd":
             U, _, Vh = torch.linalg.svd(lay.gather_rows(G, m).to(sdtype), full_matrices=False)
@@ -228,7 +230,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         else:
             U, Vh = self._randomized_svd(G.to(sdtype), rank, lay, seed=state.get("step", 0) * 1000003 + m * 7919 + n)
         P = U.contiguous() if left else Vh[:rank].contiguous()
-        state["P"] = lay.wrap(P, left, (m, rank) if left else (rank, n))
+        state["P"] = lay.wrap(P, 0 if left else None, (m, rank) if left else (rank, n))
 
     @staticmethod
     def _randomized_svd(G: torch.Tensor, q: int, lay: Layout, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
@@ -278,12 +280,12 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     def _adam(self, state: dict, R: torch.Tensor, group: dict, left: bool, lay: Layout) -> torch.Tensor:
         """Adam on the projected gradient: updates the rank-r moments in ``state`` and returns N = m/(√v+eps).
-        The one place the moments are created (zero, at the first step), read and written; they follow R's
-        layout (W's rows on the right, replicated on the left)."""
+        The one place the moments are created (zero, at the first step), read and written. R is this process's
+        part: W's rows on the right, a column block of the (r, n) R on the left (moments shard like them)."""
         if "exp_avg" not in state:
-            shape = tuple(R.shape) if left else (lay.shape[0], R.shape[1])
+            shape = (R.shape[0], lay.shape[1]) if left else (lay.shape[0], R.shape[1])
             for key in ("exp_avg", "exp_avg_sq"):
-                state[key] = lay.wrap(torch.zeros_like(R), not left, shape)
+                state[key] = lay.wrap(torch.zeros_like(R), 1 if left else 0, shape)
         beta1, beta2 = group["betas"]
         return _ops.adam_lowrank_(local(state["exp_avg"]), local(state["exp_avg_sq"]), R, beta1, beta2, group["eps"])
 
@@ -311,30 +313,38 @@ class GaLoreAdamW(torch.optim.Optimizer):
         else:
             R, sqnorms = acc, None
         state["step"] += 1
-        N = self._adam(state, R, group, left, lay)
+        # on the left the moments are column-sharded: Adam (and Fira's per-column factors) runs on this
+        # process's columns, and the finished M (with Fira's scale as one more row) is all-gathered
+        cols = lay.own_cols(R.shape[1]) if left else None
+        R_own = R if cols is None else R[:, cols]
+        N = self._adam(state, R_own, group, left, lay)
         step_size, alpha = self._step_size(group, state["step"]), group["scale"]
         decay = 1.0 - group["lr"] * group["weight_decay"] if group["weight_decay"] > 0.0 else 1.0
         if not fira:
-            self._update(W, N.mul_(step_size * alpha), P, left, decay)
+            M = N.mul_(step_size * alpha)
+            self._update(W, M if cols is None else lay.gather_cols(M, R.shape[1]), P, left, decay)
             return
         rank_dim = 0 if left else 1
-        r_sq = (R * R).sum(dim=rank_dim)
+        sq_own = sqnorms if cols is None else sqnorms[cols]
+        r_sq = (R_own * R_own).sum(dim=rank_dim)
         phi = N.norm(dim=rank_dim) / (r_sq.sqrt() + 1e-8)
-        residual_sq = (sqnorms - (2 * alpha - alpha * alpha) * r_sq).clamp_min(0.0)
-        s_sq = (phi * phi * residual_sq).sum()
-        if not left:  # the rows of ‖S‖² are spread over the processes
-            lay.all_reduce_(s_sq)
+        residual_sq = (sq_own - (2 * alpha - alpha * alpha) * r_sq).clamp_min(0.0)
+        s_sq = lay.all_reduce_((phi * phi * residual_sq).sum())  # rows (right) or columns (left) are spread
         s_norm = s_sq.sqrt()
         prev = state.get("fira_norm")
         if prev is None:  # the first step only records ‖S‖ (limiter 1)
             limiter = torch.ones((), dtype=s_norm.dtype, device=s_norm.device)
         else:
             limiter = (s_norm / (local(prev) + 1e-8)).clamp_min(FIRA_GAMMA) / FIRA_GAMMA
-        state["fira_norm"] = lay.wrap(s_norm / limiter, False, ())
+        state["fira_norm"] = lay.wrap(s_norm / limiter, None, ())
         coef = phi / limiter
         coef_b = coef.unsqueeze(0) if left else coef.unsqueeze(1)
-        M = (N - coef_b * R).mul_(step_size * alpha)
-        self._update(W, M, P, left, decay, G, coef.mul_(step_size))
+        M = (N - coef_b * R_own).mul_(step_size * alpha)
+        scale = coef.mul_(step_size)
+        if cols is not None:
+            both = lay.gather_cols(torch.cat([M, scale.unsqueeze(0)]), R.shape[1])
+            M, scale = both[:-1], both[-1]
+        self._update(W, M, P, left, decay, G, scale)
 
     @staticmethod
     def _update(W: torch.Tensor, M: torch.Tensor, P: torch.Tensor, left: bool, decay: float,
@@ -371,7 +381,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         R, _ = self._project(local(p.grad), P, left, False, lay)
         acc = state.get("grad_acc")
         if acc is None:
-            state["grad_acc"] = lay.wrap(R, not left, (lay.shape[0], R.shape[1]) if not left else tuple(R.shape))
+            state["grad_acc"] = lay.wrap(R, None if left else 0, tuple(R.shape) if left else (lay.shape[0], R.shape[1]))
         else:
             local(acc).add_(R)
         p.grad = None
