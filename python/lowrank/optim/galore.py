@@ -53,7 +53,7 @@ import torch
 from ..ops import projection as _ops
 from ..ops._common import companion_dtype
 from ..reference.projection import galore_project_reference, galore_update_reference
-from ._sharding import Layout, local
+from ._sharding import Layout, is_dtensor, local
 
 __all__ = ["GaLoreAdamW", "shared_dct_basis"]
 
@@ -182,7 +182,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if "exp_avg" not in state:
             state["step"] = 0
             for key in ("exp_avg", "exp_avg_sq"):
-                state[key] = (torch.zeros_like(p, dtype=sdtype) if Layout(p).mesh is not None
+                state[key] = (torch.zeros_like(p, dtype=sdtype) if is_dtensor(p)
                               else torch.zeros(p.shape, dtype=sdtype, device=p.device))
         beta1, beta2 = group["betas"]
         g = local(p.grad).to(sdtype)
@@ -285,7 +285,7 @@ class GaLoreAdamW(torch.optim.Optimizer):
         if "exp_avg" not in state:
             shape = (R.shape[0], lay.shape[1]) if left else (lay.shape[0], R.shape[1])
             for key in ("exp_avg", "exp_avg_sq"):
-                state[key] = lay.wrap(torch.zeros_like(R), 1 if left else 0, shape)
+                state[key] = lay.wrap(R.new_zeros(R.shape), 1 if left else 0, shape)
         beta1, beta2 = group["betas"]
         return _ops.adam_lowrank_(local(state["exp_avg"]), local(state["exp_avg_sq"]), R, beta1, beta2, group["eps"])
 
