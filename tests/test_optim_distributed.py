@@ -172,6 +172,17 @@ def ddp_cases(rank, results):
         results[f"ddp_{name}_grads_zero"] = all(p.grad is None or not p.grad.any()
                                                 for p in per_layer.module.parameters())
         results[f"ddp_{name}_optimizers"] = len(handle.optimizers)
+        # data parallel without DDP: per-parameter all-reduce, step and free
+        plain = copy.deepcopy(base)
+        if rank == 1:  # registration must broadcast rank 0's weights
+            with torch.no_grad():
+                for p in plain.parameters():
+                    p.add_(1.0)
+        register_per_layer_step(groups_of(plain, **opts), process_group=dist.group.WORLD, lr=1e-2,
+                                weight_decay=0.1)
+        train(plain, None, data, rank)
+        results[f"pg_{name}_err"] = max_rel(full_params(plain), full_params(regular.module))
+        results[f"pg_{name}_grads_none"] = all(p.grad is None for p in plain.parameters())
     errors = {}
     try:
         register_per_layer_step(copy.deepcopy(base), lr=1e-2)
@@ -285,6 +296,9 @@ def test_ddp_per_layer_equals_regular_ddp(results, case):
         assert res[f"ddp_{case}_replica_diff"] == 0.0
         assert res[f"ddp_{case}_grads_zero"]
         assert res[f"ddp_{case}_optimizers"] == 9
+        err = res[f"pg_{case}_err"]
+        print(f"{case}: per-layer data parallel without DDP vs DDP rel err {err:.2e}")
+        assert err <= 1e-6 and res[f"pg_{case}_grads_none"]
 
 
 def test_ddp_per_layer_refusals(results):

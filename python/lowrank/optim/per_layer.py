@@ -13,6 +13,11 @@ Modes:
     are then views into DDP's buckets (``gradient_as_bucket_view=True`` is required: otherwise DDP copies every
     averaged gradient into a new ``.grad`` after backward, the full-gradient copy per-layer stepping avoids), so
     no memory beyond DDP's own buckets holds gradients. Results equal regular DDP + ``GaLoreAdamW``.
+  * data parallel without DDP (``process_group=group``): each gradient hook divides p's gradient by the group
+    size and starts its all-reduce; when it completes, p steps and its gradient is freed; the end of backward
+    waits for all of them. Only the gradients in flight exist at any time (DDP's buckets, a full gradient, do
+    not), so memory stays per-layer; the parameters are broadcast from the group's first process at
+    registration, and buffers are not synchronized (DDP would broadcast them every forward).
 FSDP (DTensor parameters) is refused: FSDP2 reduce-scatters inside its own backward hooks with no per-parameter
 hook after the reduction, and ``GaLoreAdamW.step()`` on sharded parameters already keeps only gradient shards.
 """
@@ -110,17 +115,39 @@ def _ddp_hook(steps: PerLayerStep, index: dict, group, world: int):
     return hook
 
 
+def _data_parallel_hook(steps: PerLayerStep, i: int, group, world: int, in_flight: list):
+    def hook(param):
+        if not steps._active:
+            return
+        grad = param.grad.div_(world)
+        fut = dist.all_reduce(grad, group=group, async_op=True).get_future()
+        in_flight.append(fut.then(lambda _fut: steps._on_gradient(i)))
+        if len(in_flight) == 1:  # the first of this backward: its end waits for every step
+
+            def wait_all():
+                pending = list(in_flight)
+                in_flight.clear()
+                for f in pending:
+                    f.wait()
+
+            torch.autograd.Variable._execution_engine.queue_callback(wait_all)
+
+    return hook
+
+
 def register_per_layer_step(params, make_optimizer: Callable[[list], torch.optim.Optimizer] | None = None, *,
-                            ddp: nn.parallel.DistributedDataParallel | None = None, accumulation_steps: int = 1,
-                            allow_local_gradients: bool = False, **defaults) -> PerLayerStep:
+                            ddp: nn.parallel.DistributedDataParallel | None = None, process_group=None,
+                            accumulation_steps: int = 1, allow_local_gradients: bool = False,
+                            **defaults) -> PerLayerStep:
     """Per-layer mode: for every trainable parameter build ``make_optimizer([{**group_options, "params": [p]}])``
     (default ``GaLoreAdamW(groups, **defaults)``) and step it as soon as p's gradient is complete.
 
     ``params`` is an ``nn.Module`` (all parameters that require grad, one plain group), a
     ``DistributedDataParallel`` model (its module's parameters, DDP mode), an iterable of parameters, or a list
     of galore-torch-style group dicts (their options go to each parameter's optimizer). ``ddp``: the DDP model
-    that wraps these parameters (DDP mode, see the module docstring); under ``torch.distributed`` with more than
-    one process and no ``ddp`` this raises, because each process would step on its own un-averaged gradient
+    that wraps these parameters (DDP mode, see the module docstring); ``process_group``: data parallel over this
+    group without DDP (``dist.group.WORLD`` for all processes). Under ``torch.distributed`` with more than one
+    process and neither, this raises, because each process would step on its own un-averaged gradient
     (``allow_local_gradients=True`` if that is meant). ``accumulation_steps``: backwards per optimizer step (the
     loss scaled by 1/k as usual); not with DDP. Returns a ``PerLayerStep`` (``state_dict``, ``flush``, ``remove``).
     """
@@ -143,6 +170,11 @@ def register_per_layer_step(params, make_optimizer: Callable[[list], torch.optim
             "register_per_layer_step: DTensor (FSDP2 fully_shard) parameters are not supported: FSDP reduce-"
             "scatters gradients inside its own backward hooks and offers no hook after the reduction; use "
             "GaLoreAdamW.step() after backward, which already holds only gradient shards")
+    if ddp is not None and process_group is not None:
+        raise ValueError("register_per_layer_step: pass ddp= or process_group=, not both")
+    if process_group is not None and accumulation_steps != 1:
+        raise NotImplementedError("register_per_layer_step: accumulation_steps > 1 is not supported with "
+                                  "process_group")
     if ddp is not None:
         if accumulation_steps != 1:
             raise NotImplementedError("register_per_layer_step: accumulation_steps > 1 is not supported with DDP")
@@ -155,13 +187,17 @@ def register_per_layer_step(params, make_optimizer: Callable[[list], torch.optim
                 "register_per_layer_step: build DistributedDataParallel with gradient_as_bucket_view=True; "
                 "otherwise DDP copies every averaged gradient into a new .grad after backward, the full-size "
                 "gradient memory that per-layer stepping exists to avoid")
-    elif dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 and not allow_local_gradients:
+    elif (process_group is None and dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+          and not allow_local_gradients):
         raise RuntimeError(
             f"register_per_layer_step: torch.distributed runs {dist.get_world_size()} processes, and without "
             "ddp= each would step on its own un-averaged gradient, so the replicas drift apart; pass "
-            "ddp=<the DistributedDataParallel model> (or allow_local_gradients=True if that is meant)")
+            "ddp=<the DistributedDataParallel model> or process_group=<group> (or allow_local_gradients=True "
+            "if that is meant)")
     result = PerLayerStep(accumulation_steps)
     index: dict[int, int] = {}
+    in_flight: list = []
+    world = dist.get_world_size(process_group) if process_group is not None else 1
     for group, ps in zip(groups, members):
         options = {k: v for k, v in group.items() if k != "params"}
         for p in ps:
@@ -169,7 +205,11 @@ def register_per_layer_step(params, make_optimizer: Callable[[list], torch.optim
                 continue
             i = result._add(p, make_optimizer([{**options, "params": [p]}]))
             index[id(p)] = i
-            if ddp is None:
+            if process_group is not None:
+                dist.broadcast(p.detach(), group=process_group, group_src=0)
+                result._handles.append(p.register_post_accumulate_grad_hook(
+                    _data_parallel_hook(result, i, process_group, world, in_flight)))
+            elif ddp is None:
                 result._handles.append(p.register_post_accumulate_grad_hook(
                     lambda _param, i=i: result._on_gradient(i) if result._active else None))
     if ddp is not None:
