@@ -26,6 +26,7 @@ FSDP_CASES = {
     "fira_svd": {"fira": True}, "fira_dct": {"fira": True, "basis": "dct"},
     "fira_randomized": {"fira": True, "basis": "randomized"},
     "bf16_fira_dct": {"fira": True, "basis": "dct"},  # bf16 weights and gradients, fp32 state
+    "hsdp_fira_randomized": {"fira": True, "basis": "randomized"},  # a (replicate 1, shard 2) mesh
 }
 
 
@@ -87,23 +88,42 @@ def fsdp_cases(rank, results, tmp):
     from torch.distributed.fsdp import fully_shard
     from lowrank.optim import GaLoreAdamW
 
-    def sharded(model):
+    from torch.distributed.device_mesh import init_device_mesh
+    from lowrank.optim import _sharding
+
+    hsdp_mesh = init_device_mesh("cpu", (1, WORLD), mesh_dim_names=("replicate", "shard"))
+
+    def sharded(model, mesh=None):
         for m in (model.up, model.down, model.odd, model.score):
-            fully_shard(m)
-        return fully_shard(model)
+            fully_shard(m, mesh=mesh)
+        return fully_shard(model, mesh=mesh)
+
+    # every gather the optimizer makes goes through these two methods: record the shapes
+    gathered = []
+    for method in ("gather_rows", "gather_cols"):
+        real = getattr(_sharding.Layout, method)
+
+        def recording(self, t, size, real=real):
+            out = real(self, t, size)
+            gathered.append(tuple(out.shape))
+            return out
+
+        setattr(_sharding.Layout, method, recording)
 
     torch.manual_seed(0)
     base = Net()
     data = batches(STEPS + 3)
     for name, opts in FSDP_CASES.items():
+        gathered.clear()
         dtype = torch.bfloat16 if name.startswith("bf16") else torch.float32
         start = copy.deepcopy(base).to(dtype)
         cast = [(x.to(dtype), y.to(dtype)) for x, y in data[:STEPS]]
         single = copy.deepcopy(start)
         train(single, GaLoreAdamW(groups_of(single, **opts), lr=1e-2, weight_decay=0.1), cast)
-        model = sharded(copy.deepcopy(start))
+        model = sharded(copy.deepcopy(start), hsdp_mesh if name.startswith("hsdp") else None)
         opt = GaLoreAdamW(groups_of(model, **opts), lr=1e-2, weight_decay=0.1)
         train(model, opt, cast, rank)
+        results[f"fsdp_{name}_gathered"] = sorted(set(gathered))
         got = full_params(model)
         results[f"fsdp_{name}_err"] = max_rel(got, full_params(single))
         results[f"fsdp_{name}_moved"] = max_rel(full_params(single), full_params(start))
@@ -139,6 +159,16 @@ def fsdp_cases(rank, results, tmp):
         set_state_dict(fresh, opt2, model_state_dict=sd["model"], optim_state_dict=sd["optim"])
         train(fresh, opt2, data[3:], rank)
         results[f"dcp_{name}_err"] = max_rel(full_params(fresh), full_params(model))
+    # a placement other than row sharding: plain AdamW steps it, the projected step refuses it
+    from torch.distributed.tensor import Shard, distribute_tensor
+    col = nn.Parameter(distribute_tensor(torch.randn(6, 8), hsdp_mesh["shard"], [Shard(1)]))
+    col.grad = distribute_tensor(torch.randn(6, 8), hsdp_mesh["shard"], [Shard(1)])
+    GaLoreAdamW([col], lr=1e-2).step()
+    try:
+        GaLoreAdamW([{"params": [col], "rank": 2}], lr=1e-2).step()
+        results["shard1_refused"] = ""
+    except NotImplementedError as e:
+        results["shard1_refused"] = str(e)
     # per-layer stepping refuses FSDP
     from lowrank.optim import register_per_layer_step
     try:
@@ -281,6 +311,23 @@ def test_fsdp2_checkpoint_resume_equals_uninterrupted(results, case):
     err = results[0][f"dcp_{case}_err"]
     print(f"{case}: resumed vs uninterrupted rel err {err:.2e}")
     assert err <= 1e-6
+
+
+@pytest.mark.parametrize("case", list(FSDP_CASES))
+def test_fsdp2_gathers_only_rank_sized_blocks_except_svd(results, case):
+    """dct and randomized never gather a full gradient or weight: every all-gather has a dimension of at most
+    the rank (the m × r sketch, the r × n update; + 1 row of Fira's scales); svd gathers the whole gradient on
+    refresh steps."""
+    shapes = results[0][f"fsdp_{case}_gathered"]
+    print(case, shapes)
+    if case.endswith("svd"):
+        assert any(min(s) > RANK + 1 for s in shapes)
+    else:
+        assert shapes and all(min(s) <= RANK + 1 for s in shapes)
+
+
+def test_fsdp2_refuses_other_placements(results):
+    assert "Shard(dim=1)" in results[0]["shard1_refused"]
 
 
 def test_per_layer_refuses_fsdp(results):
