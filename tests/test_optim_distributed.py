@@ -303,7 +303,9 @@ def test_fsdp2_equals_single_process(results, case):
         assert err <= 2e-5
     assert all(t.endswith("DTensor") or t.endswith("int") for t in res[f"fsdp_{case}_state_types"])
     # moments shard like R: rows of a right-projected weight, columns of a left-projected one
-    assert list(res[f"fsdp_{case}_moment_placements"]) == ["(Shard(dim=0),)", "(Shard(dim=1),)"], res[f"fsdp_{case}_moment_placements"]
+    right, left = res[f"fsdp_{case}_moment_placements"]
+    assert "Shard(dim=0)" in right and "Shard(dim=1)" in left, (right, left)
+    assert ("Replicate()" in right) == case.startswith("hsdp")
 
 
 @pytest.mark.parametrize("case", ["fira_dct", "svd", "randomized"])
