@@ -8,7 +8,7 @@ workspace (a projection's R, the fp32 copy an SVD takes). Instants sampled: ever
 after a per-layer step), just before and just after ``optimizer.step()``.
 
 Methods: 'adamw' (torch.optim.AdamW), 'galore_torch' (galore_torch.GaLoreAdamW, if installed), 'galore' (ours),
-'galore_per_layer' (ours, ``register_per_layer_step``), 'galore_8bit' (ours with ``EIGHT_BIT_OPTIONS``; refused
+'galore_per_layer' (ours, ``register_per_layer_step``; with ``process_group`` under several processes), 'galore_8bit' (ours with ``EIGHT_BIT_OPTIONS``; refused
 while that option does not exist). FSDP2: pass a ``fully_shard``-ed model inside an initialized process group
 (each process measures its own shards), or call ``measure_fsdp2_step_memory`` which spawns the processes.
 
@@ -187,7 +187,11 @@ def _make_optimizer(model: nn.Module, method: str, lr: float, galore_options: di
         options.update(EIGHT_BIT_OPTIONS)
     groups = galore_groups(model, **options)
     if method == "galore_per_layer":
-        handle = register_per_layer_step(groups, lr=lr)
+        import torch.distributed as dist  # noqa: PLC0415
+        # under several processes: data parallel without DDP (an FSDP2 model is refused by per-layer stepping)
+        group = dist.group.WORLD if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1 \
+            else None
+        handle = register_per_layer_step(groups, lr=lr, process_group=group)
         return None, handle.optimizers, handle
     if method in ("galore", "galore_8bit"):
         opt = GaLoreAdamW(groups, lr=lr)
