@@ -8,8 +8,8 @@ workspace (a projection's R, the fp32 copy an SVD takes). Instants sampled: ever
 after a per-layer step), just before and just after ``optimizer.step()``.
 
 Methods: 'adamw' (torch.optim.AdamW), 'galore_torch' (galore_torch.GaLoreAdamW, if installed), 'galore' (ours),
-'galore_per_layer' (ours, ``register_per_layer_step``; with ``process_group`` under several processes), 'galore_8bit' (ours with ``EIGHT_BIT_OPTIONS``; refused
-while that option does not exist). FSDP2: pass a ``fully_shard``-ed model inside an initialized process group
+'galore_per_layer' (ours, ``register_per_layer_step``; with ``process_group`` under several processes),
+'galore_8bit' (ours with ``EIGHT_BIT_OPTIONS``; refused while that option does not exist). FSDP2: pass a ``fully_shard``-ed model inside an initialized process group
 (each process measures its own shards), or call ``measure_fsdp2_step_memory`` which spawns the processes.
 
 ``llama_like`` builds a LLaMA-shaped model (embedding, RMSNorm, q/k/v/o, SwiGLU gate/up/down, LM head) in plain
@@ -257,8 +257,9 @@ def _fsdp2_worker(rank: int, world: int, port: int, model_fn, loss_fn, method, s
 def measure_fsdp2_step_memory(model_fn: Callable[[], nn.Module], loss_fn: Callable[[nn.Module], torch.Tensor],
                               method: str = "galore", world_size: int = 2, steps: int = 2, port: int = 29517,
                               **galore_options) -> list[StepMemory]:
-    """``measure_step_memory`` of the model ``shard_llama_like`` shards on ``world_size`` CPU processes (gloo); returns one ``StepMemory`` per process. ``model_fn`` and
-    ``loss_fn`` must be picklable (module-level functions or ``functools.partial``)."""
+    """``measure_step_memory`` of the model ``shard_llama_like`` shards on ``world_size`` CPU processes (gloo);
+    returns one ``StepMemory`` per process. ``model_fn`` and ``loss_fn`` must be picklable (module-level functions
+    or ``functools.partial``)."""
     import torch.multiprocessing as mp  # noqa: PLC0415
     with tempfile.TemporaryDirectory() as out:
         mp.spawn(_fsdp2_worker, args=(world_size, port, model_fn, loss_fn, method, steps, galore_options, out),

@@ -157,7 +157,8 @@ def register_per_layer_step(params, make_optimizer: Callable[[list], torch.optim
     elif defaults:
         raise TypeError("register_per_layer_step: pass optimizer options either in make_optimizer or as keywords")
     if not isinstance(accumulation_steps, int) or accumulation_steps < 1:
-        raise ValueError(f"register_per_layer_step: accumulation_steps must be a positive int, got {accumulation_steps!r}")
+        raise ValueError(f"register_per_layer_step: accumulation_steps must be a positive int, "
+                         f"got {accumulation_steps!r}")
     if isinstance(params, nn.parallel.DistributedDataParallel):
         ddp, params = params, params.module
     if isinstance(params, nn.Module):
