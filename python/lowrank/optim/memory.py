@@ -9,8 +9,9 @@ after a per-layer step), just before and just after ``optimizer.step()``.
 
 Methods: 'adamw' (torch.optim.AdamW), 'galore_torch' (galore_torch.GaLoreAdamW, if installed), 'galore' (ours),
 'galore_per_layer' (ours, ``register_per_layer_step``; with ``process_group`` under several processes),
-'galore_8bit' (ours with ``EIGHT_BIT_OPTIONS``; refused while that option does not exist). FSDP2: pass a ``fully_shard``-ed model inside an initialized process group
-(each process measures its own shards), or call ``measure_fsdp2_step_memory`` which spawns the processes.
+'galore_8bit' (ours with ``EIGHT_BIT_OPTIONS``; refused while that option does not exist). FSDP2: pass a
+``fully_shard``-ed model inside an initialized process group (each process measures its own shards), or call
+``measure_fsdp2_step_memory``, which spawns the processes.
 
 ``llama_like`` builds a LLaMA-shaped model (embedding, RMSNorm, q/k/v/o, SwiGLU gate/up/down, LM head) in plain
 torch, the shapes GaLore's papers measure; ``galore_groups`` puts its attention and MLP matrices in the projected
