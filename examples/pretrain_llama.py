@@ -143,9 +143,6 @@ def run(args, layer: str, optim: str, tokens, rank_id: int, world: int, device) 
     model.to(device)
     if world > 1 and args.parallel == "fsdp":
         from torch.distributed.fsdp import fully_shard
-        if optim != "adamw":
-            raise SystemExit("GaLore / Fira with FSDP2 is not supported by this example: its projection needs "
-                             "whole matrices, FSDP2 gives each rank a shard (use --parallel ddp)")
         for block in model.model.layers:
             fully_shard(block)
         fully_shard(model)

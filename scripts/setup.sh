@@ -11,7 +11,7 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip >/dev/null 2>&1 || true
 .venv/bin/python -m pip install -q torch==2.14.1 "scikit-build-core>=0.10" ninja "cmake>=3.26" \
   nvidia-cutlass==4.2.0.0 numpy pytest tqdm matplotlib galore-torch==1.0 \
-  safetensors==0.8.0 transformers==5.25.0 hypothesis==6.170.27 gguf==0.19.0 2>&1 | grep -v "^WARNING: Location" || true
+  safetensors==0.8.0 transformers==5.25.0 accelerate==1.15.0 hypothesis==6.170.27 gguf==0.19.0 2>&1 | grep -v "^WARNING: Location" || true
 .venv/bin/python -c "import torch; print('torch', torch.__version__)"
 rm -rf dist
 CMAKE_BUILD_PARALLEL_LEVEL=${CMAKE_BUILD_PARALLEL_LEVEL:-2} \

@@ -18,7 +18,7 @@ if [ ! -x .venv-abi/bin/python ]; then
   "${PYTHON:-python3}" -m venv .venv-abi
 fi
 .venv-abi/bin/python -m pip install -q torch==2.13.0 numpy pytest \
-  safetensors==0.8.0 transformers==5.25.0 hypothesis==6.170.27 gguf==0.19.0 2>&1 | grep -v "^WARNING: Location" || true
+  safetensors==0.8.0 transformers==5.25.0 accelerate==1.15.0 hypothesis==6.170.27 gguf==0.19.0 2>&1 | grep -v "^WARNING: Location" || true
 .venv-abi/bin/python -m pip install -q --no-deps --force-reinstall "$WHEEL"
 .venv-abi/bin/python -c "import torch, lowrank; print('torch', torch.__version__, '-> lowrank', lowrank.__version__, 'loaded')"
 .venv-abi/bin/python -m pytest tests -q -p no:cacheprovider

@@ -105,9 +105,9 @@ def test_galore_refreshes_at_step_zero_and_every_gap(device, monkeypatch):
     calls = []
     real = GaLoreAdamW._refresh
 
-    def spy(self, G, state, group, left, rank):
+    def spy(self, G, state, *args):
         calls.append(state["step"])
-        return real(self, G, state, group, left, rank)
+        return real(self, G, state, *args)
 
     monkeypatch.setattr(GaLoreAdamW, "_refresh", spy)
     run(GaLoreAdamW, init, grads, n_projected=1, update_proj_gap=3)
@@ -436,6 +436,64 @@ def test_per_layer_state_dict_round_trip():
         nn.functional.mse_loss(m(x), y).backward()
     for a, b in zip(model.parameters(), model2.parameters()):
         assert torch.equal(a, b)
+
+
+
+@pytest.mark.parametrize("opts", [{}, {"basis": "dct"}, {"fira": True}], ids=["galore", "dct", "fira"])
+def test_per_layer_accumulation_equals_one_big_batch(opts):
+    """3 micro-batches per step (loss / 3) in per-layer mode against one full-batch step of GaLoreAdamW, over
+    refresh (0, 5) and non-refresh steps; between micro-batches a non-refresh, non-Fira projected weight keeps
+    only its rank-r R, the rest keep the full gradient."""
+    model = MLP()
+    model2 = copy.deepcopy(model)
+    x, y = regression_data("cpu", n=96)
+    opt = GaLoreAdamW(mlp_groups(model, **opts), lr=1e-2, weight_decay=0.01)
+    handle = register_per_layer_step(mlp_groups(model2, **opts), lr=1e-2, weight_decay=0.01, accumulation_steps=3)
+    weights = {model2.fc1.weight: (40, 8), model2.fc2.weight: (8, 40)}  # R: right (m, r), left (r, n)
+    for step in range(7):
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        for i, (xb, yb) in enumerate(zip(x.chunk(3), y.chunk(3))):
+            (nn.functional.mse_loss(model2(xb), yb) / 3).backward()
+            if i == 2:
+                continue
+            refresh = step % 5 == 0
+            for p, r_shape in weights.items():
+                st = handle.optimizers[[q is p for q in handle._params].index(True)].state[p]
+                if refresh or opts.get("fira"):
+                    assert p.grad is not None and "grad_acc" not in st
+                else:
+                    assert p.grad is None and tuple(st["grad_acc"].shape) == r_shape
+            assert model2.fc1.bias.grad is not None  # plain AdamW parameters accumulate as usual
+        assert all(p.grad is None for p in model2.parameters())
+    for (name, a), b in zip(model.named_parameters(), model2.parameters()):
+        err = max_rel(b, a)
+        print(f"{name}: rel err {err:.2e}")
+        assert err <= 2e-5
+
+
+def test_per_layer_flush_steps_a_short_cycle():
+    model = MLP()
+    model2 = copy.deepcopy(model)
+    x, y = regression_data("cpu", n=64)
+    opt = GaLoreAdamW(mlp_groups(model, basis="dct"), lr=1e-2)
+    handle = register_per_layer_step(mlp_groups(model2, basis="dct"), lr=1e-2, accumulation_steps=4)
+    for _ in range(2):  # steps 1 (refresh) and 2 (projected accumulation), each only 2 of 4 micro-batches
+        nn.functional.mse_loss(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+        for xb, yb in zip(x.chunk(2), y.chunk(2)):
+            (nn.functional.mse_loss(model2(xb), yb) / 2).backward()
+        handle.flush()
+        assert all(p.grad is None for p in model2.parameters())
+    for a, b in zip(model.parameters(), model2.parameters()):
+        assert max_rel(b, a) <= 2e-5
+
+
+def test_per_layer_refusals():
+    with pytest.raises(ValueError, match="accumulation_steps"):
+        register_per_layer_step(MLP(), accumulation_steps=0)
 
 
 TRAIN_MODES = [
