@@ -83,6 +83,9 @@ inline const char* dtype_str(ScalarType st) {
     case ScalarType::Int: return "int32";
     case ScalarType::Long: return "int64";
     case ScalarType::Byte: return "uint8";
+    case ScalarType::Char: return "int8";
+    case ScalarType::Short: return "int16";
+    case ScalarType::Bool: return "bool";
     default: return torch::headeronly::toString(st);
   }
 }

@@ -17,7 +17,7 @@ void dispatch_float(ScalarType st, const char* op, F&& f) {
     case ScalarType::Double: return f(double{});
     case ScalarType::Half: return f(c10::Half{});
     case ScalarType::BFloat16: return f(c10::BFloat16{});
-    default: LOWRANK_CHECK(false, op, ": unsupported dtype ", torch::headeronly::toString(st));
+    default: LOWRANK_CHECK(false, op, ": unsupported dtype (got ", dtype_str(st), ")");
   }
 }
 

@@ -39,7 +39,7 @@ inline bool enabled() {
 
 inline void check(cublasStatus_t s, const char* op, const char* what) {
   LOWRANK_CHECK(s == CUBLAS_STATUS_SUCCESS, op, ": cuBLAS ", what, " failed: ", cublasGetStatusName(s), " (",
-                  int(s), ")");
+                int(s), ")");
 }
 
 // One handle and one 32 MiB workspace per (thread, device), bound to `stream`. cublasSetStream resets the

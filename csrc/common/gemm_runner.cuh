@@ -63,7 +63,7 @@ struct GemmRunner {
     const int64_t imax = std::numeric_limits<int32_t>::max();
     // K gets headroom: split-K adds up to one k_per_split (rounded to the 32-wide K step) to a K offset
     LOWRANK_CHECK(M <= imax && N <= imax && K <= imax - 64 && groups <= imax, op,
-                    ": a GEMM dimension exceeds 2^31 - 1 (M=", M, ", N=", N, ", K=", K, ", groups=", groups, ")");
+                  ": a GEMM dimension exceeds 2^31 - 1 (M=", M, ", N=", N, ", K=", K, ", groups=", groups, ")");
     const bool f32 = st == ScalarType::Float;
     if (f32 || st == ScalarType::Half || st == ScalarType::BFloat16) {
       const cudaDataType_t cdt = f32 ? CUDA_R_32F : st == ScalarType::Half ? CUDA_R_16F : CUDA_R_16BF;

@@ -556,7 +556,7 @@ unsigned grid_for(int64_t n, int sms) {
 // ------------------------------------------------------------------------------------ host side
 std::tuple<Tensor, Tensor> quantize_cuda(Tensor w_real, Tensor w_imag) {
   check_quantize_inputs(kQuant, w_real, w_imag);
-  LOWRANK_CHECK(w_real.is_cuda(), kQuant, ": expected CUDA tensors");
+  LOWRANK_CHECK(w_real.is_cuda(), kQuant, ": the CUDA kernel got a tensor on ", device_name(w_real));
   torch::stable::accelerator::DeviceGuard guard(w_real.get_device_index());
   const Tensor wr = torch::stable::contiguous(w_real), wi = torch::stable::contiguous(w_imag);
   const int64_t out = wr.size(0), in = wr.size(1), nb = packed_width(in);
@@ -585,7 +585,7 @@ std::tuple<Tensor, Tensor> quantize_cuda(Tensor w_real, Tensor w_imag) {
     check_cuda(cudaMemcpyAsync(&host_flag, nonfinite.const_data_ptr(), sizeof(int), cudaMemcpyDeviceToHost, stream),
                kQuant, "non-finite flag copy");
     check_cuda(cudaStreamSynchronize(stream), kQuant, "non-finite flag sync");
-    LOWRANK_CHECK(host_flag == 0, kQuant, ": w_real and w_imag must be finite, got a NaN or Inf");
+    LOWRANK_CHECK(host_flag == 0, kQuant, ": w_real and w_imag must be finite (got a NaN or Inf)");
   }
   quantize_scales_kernel<<<1, 256, 0, stream>>>(static_cast<const double*>(sums.const_data_ptr()),
                                                 static_cast<const long long*>(counts.const_data_ptr()), out, in,
@@ -596,7 +596,7 @@ std::tuple<Tensor, Tensor> quantize_cuda(Tensor w_real, Tensor w_imag) {
 
 std::tuple<Tensor, Tensor> dequantize_cuda(Tensor packed, Tensor scales, int64_t in) {
   check_dequantize_inputs(kDequant, packed, scales, in);
-  LOWRANK_CHECK(packed.is_cuda(), kDequant, ": expected CUDA tensors");
+  LOWRANK_CHECK(packed.is_cuda(), kDequant, ": the CUDA kernel got a tensor on ", device_name(packed));
   torch::stable::accelerator::DeviceGuard guard(packed.get_device_index());
   const Tensor pk = torch::stable::contiguous(packed), sc = torch::stable::contiguous(scales);
   const int64_t out = pk.size(0), nb = pk.size(1);
@@ -679,7 +679,7 @@ std::tuple<Tensor, Tensor> run_linear(const LinearDims& d, const Tensor& xr, con
     return {yr, yi};
   }
   LOWRANK_CHECK(d.T <= std::numeric_limits<int32_t>::max() && d.out <= int64_t(65535) * 65535, kLinear,
-                  ": too many tokens or rows for one launch (T=", d.T, ", out=", d.out, ")");
+                ": too many tokens or rows for one launch (T=", d.T, ", out=", d.out, ")");
   const int32_t dev = xr.get_device_index();
   const cudaStream_t stream = current_stream(dev);
   const uint8_t* pbase = static_cast<const uint8_t*>(pk.const_data_ptr());
@@ -694,8 +694,9 @@ std::tuple<Tensor, Tensor> run_linear(const LinearDims& d, const Tensor& xr, con
     const PackedView pv{pbase, d.nbytes, d.out * d.nbytes, addr % 4 == 0};
     if (!act_quant) {
       const int64_t token_groups = (d.T + kFloatTokens - 1) / kFloatTokens;
-      LOWRANK_CHECK(token_groups <= 65535, kLinear, ": act_quant=False takes at most ", 65535 * kFloatTokens,
-                      " tokens a call, got ", d.T);
+      LOWRANK_CHECK(token_groups <= 65535, kLinear, ": x_real must have at most ", 65535 * kFloatTokens,
+                    " tokens (its leading dims' product) with act_quant=False (got ", d.T, " tokens, x_real of shape ",
+                    shape_str(xr), ")");
       const int64_t row_groups = (d.out + kGemvWarps - 1) / kGemvWarps;
       const dim3 grid(static_cast<unsigned>(std::min<int64_t>(row_groups, 65535)), static_cast<unsigned>(token_groups));
       linear_float_kernel<T><<<grid, kGemvWarps * 32, 0, stream>>>(pv, d.out, d.in, d.T, xrp, xip, s, yrp, yip);
@@ -710,8 +711,9 @@ std::tuple<Tensor, Tensor> run_linear(const LinearDims& d, const Tensor& xr, con
       return;
     }
     // the prefill grid's y dimension holds the token tiles: refuse before allocating or launching anything
-    LOWRANK_CHECK(d.T <= 16 || (d.T + kPBM - 1) / kPBM <= 65535, kLinear, ": at most ", int64_t(65535) * kPBM,
-                    " tokens a call, got ", d.T);
+    LOWRANK_CHECK(d.T <= 16 || (d.T + kPBM - 1) / kPBM <= 65535, kLinear, ": x_real must have at most ",
+                  int64_t(65535) * kPBM, " tokens (its leading dims' product) (got ", d.T, " tokens, x_real of shape ",
+                  shape_str(xr), ")");
     Tensor q = torch::stable::new_empty(xr, {d.T * 2 * in_pad}, ScalarType::Char);
     Tensor a = torch::stable::new_empty(xr, {d.T * 2}, ScalarType::Float);
     int8_t* qp = static_cast<int8_t*>(q.mutable_data_ptr());
@@ -734,7 +736,7 @@ std::tuple<Tensor, Tensor> run_linear(const LinearDims& d, const Tensor& xr, con
 std::tuple<Tensor, Tensor> linear_cuda(Tensor x_real, Tensor x_imag, Tensor packed, Tensor scales, bool act_quant,
                                        std::optional<int64_t> in_features) {
   const LinearDims d = linear_dims(kLinear, x_real, x_imag, packed, scales, act_quant, in_features);
-  LOWRANK_CHECK(x_real.is_cuda(), kLinear, ": expected CUDA tensors");
+  LOWRANK_CHECK(x_real.is_cuda(), kLinear, ": the CUDA kernel got a tensor on ", device_name(x_real));
   torch::stable::accelerator::DeviceGuard guard(x_real.get_device_index());
   return run_linear(d, torch::stable::contiguous(x_real), torch::stable::contiguous(x_imag),
                     torch::stable::contiguous(packed), torch::stable::contiguous(scales), act_quant);
@@ -745,9 +747,9 @@ std::tuple<Tensor, Tensor> linear_cuda(Tensor x_real, Tensor x_imag, Tensor pack
 std::vector<Tensor> linear_multi_cuda(Tensor x_real, Tensor x_imag, std::vector<Tensor> packed,
                                       std::vector<Tensor> scales, bool act_quant, std::optional<int64_t> in_features) {
   const LinearDims xd = x_dims(kMulti, x_real, x_imag, act_quant, in_features);
-  LOWRANK_CHECK(packed.size() == scales.size(), kMulti, ": packed and scales must be lists of the same length, got ",
-                  packed.size(), " and ", scales.size());
-  LOWRANK_CHECK(x_real.is_cuda(), kMulti, ": expected CUDA tensors");
+  LOWRANK_CHECK(packed.size() == scales.size(), kMulti, ": packed and scales must be lists of the same length (got ",
+                packed.size(), " and ", scales.size(), ")");
+  LOWRANK_CHECK(x_real.is_cuda(), kMulti, ": the CUDA kernel got a tensor on ", device_name(x_real));
   std::vector<LinearDims> wd;
   for (size_t i = 0; i < packed.size(); ++i) {
     const std::string n = "[" + std::to_string(i) + "]";

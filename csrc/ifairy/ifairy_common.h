@@ -81,13 +81,13 @@ struct LinearDims {
 
 inline void check_packed_scales(const char* op, const Tensor& packed, const Tensor& scales,
                                 const std::string& pname = "packed", const std::string& sname = "scales") {
-  LOWRANK_CHECK(packed.dim() == 2, op, ": ", pname, " must be 2-D (out, ceil(in/4)) uint8, got a ", packed.dim(),
-                  "-D tensor");
-  LOWRANK_CHECK(packed.scalar_type() == ScalarType::Byte, op, ": ", pname, " must be uint8, got ",
-                  torch::headeronly::toString(packed.scalar_type()));
-  LOWRANK_CHECK(scales.scalar_type() == ScalarType::Float, op, ": ", sname, " must be float32 [s_re, s_im], got ",
-                  torch::headeronly::toString(scales.scalar_type()));
-  LOWRANK_CHECK(scales.numel() == 2, op, ": ", sname, " must hold 2 elements [s_re, s_im], got ", scales.numel());
+  check_dim(op, packed, pname.c_str(), 2, "(out, ceil(in/4)) uint8");
+  LOWRANK_CHECK(packed.scalar_type() == ScalarType::Byte, op, ": ", pname, " must be uint8 (got ",
+                dtype_str(packed.scalar_type()), ")");
+  LOWRANK_CHECK(scales.scalar_type() == ScalarType::Float, op, ": ", sname, " must be float32 [s_re, s_im] (got ",
+                dtype_str(scales.scalar_type()), ")");
+  LOWRANK_CHECK(scales.numel() == 2, op, ": ", sname, " must hold 2 elements [s_re, s_im] (got ", scales.numel(),
+                " elements, shape ", shape_str(scales), ")");
   check_same_device(op, packed, pname.c_str(), scales, sname.c_str());
 }
 
@@ -95,19 +95,21 @@ inline void check_packed_scales(const char* op, const Tensor& packed, const Tens
 // cannot tell in from the other values with the same ceil(in/4). W2A8 caps in at kMaxInt8In (int32 sums).
 inline LinearDims x_dims(const char* op, const Tensor& xr, const Tensor& xi, bool act_quant,
                          std::optional<int64_t> in_features) {
-  LOWRANK_CHECK(xr.dim() >= 1, op, ": x_real must have at least 1 dimension (..., in), got a 0-D tensor");
+  LOWRANK_CHECK(xr.dim() >= 1, op, ": x_real must have at least 1 dimension (..., in) (got a 0-D tensor)");
   bool same_shape = xr.dim() == xi.dim();
   for (int64_t d = 0; same_shape && d < xr.dim(); ++d) same_shape = xr.size(d) == xi.size(d);
-  LOWRANK_CHECK(same_shape, op, ": x_real and x_imag must have the same shape");
+  LOWRANK_CHECK(same_shape, op, ": x_imag must have x_real's shape (got x_real ", shape_str(xr), ", x_imag ",
+                shape_str(xi), ")");
   check_float_dtype(op, xr, "x_real");
   check_same_dtype(op, xr, "x_real", xi, "x_imag");
   check_same_device(op, xr, "x_real", xi, "x_imag");
   LinearDims d;
   d.in = xr.size(xr.dim() - 1);
-  LOWRANK_CHECK(!in_features.has_value() || *in_features == d.in, op, ": in_features (",
-                  in_features.value_or(0), ") must equal x's last dimension (", d.in, ")");
-  LOWRANK_CHECK(!act_quant || d.in <= kMaxInt8In, op, ": x's last dimension (", d.in, ") must be at most ",
-                  kMaxInt8In, " with act_quant=True (the exact int8 sums are int32)");
+  LOWRANK_CHECK(!in_features.has_value() || *in_features == d.in, op,
+                ": in_features must equal x_real's last dimension (got in_features ", in_features.value_or(0),
+                ", x_real of shape ", shape_str(xr), ")");
+  LOWRANK_CHECK(!act_quant || d.in <= kMaxInt8In, op, ": x_real's last dimension must be at most ", kMaxInt8In,
+                " with act_quant=True, the exact int8 sums being int32 (got x_real of shape ", shape_str(xr), ")");
   d.T = 1;  // the leading dims' product (also when in = 0 and numel says nothing)
   for (int64_t k = 0; k + 1 < xr.dim(); ++k) d.T *= xr.size(k);
   d.out = d.nbytes = 0;
@@ -124,7 +126,8 @@ inline LinearDims weight_dims(const char* op, const LinearDims& x, const Tensor&
   d.out = packed.size(0);
   d.nbytes = packed.size(1);
   LOWRANK_CHECK(d.nbytes == packed_width(d.in), op, ": ", pname, " must be (out, ceil(in/4)) = (out, ",
-                  packed_width(d.in), ") for in = x's last dimension (", d.in, "), got width ", d.nbytes);
+                packed_width(d.in), ") for in = x_real's last dimension (got ", pname, " of shape ", shape_str(packed),
+                ", x_real of shape ", shape_str(xr), ")");
   return d;
 }
 
@@ -137,8 +140,7 @@ inline void check_quantize_inputs(const char* op, const Tensor& wr, const Tensor
   check_dim(op, wr, "w_real", 2, "(out, in)");
   check_dim(op, wi, "w_imag", 2, "(out, in)");
   LOWRANK_CHECK(wr.size(0) == wi.size(0) && wr.size(1) == wi.size(1), op,
-                  ": w_real and w_imag must have the same shape, got (", wr.size(0), ", ", wr.size(1), ") and (",
-                  wi.size(0), ", ", wi.size(1), ")");
+                ": w_imag must have w_real's shape (got w_real ", shape_str(wr), ", w_imag ", shape_str(wi), ")");
   check_float_dtype(op, wr, "w_real");
   check_same_dtype(op, wr, "w_real", wi, "w_imag");
   check_same_device(op, wr, "w_real", wi, "w_imag");
@@ -146,9 +148,9 @@ inline void check_quantize_inputs(const char* op, const Tensor& wr, const Tensor
 
 inline void check_dequantize_inputs(const char* op, const Tensor& packed, const Tensor& scales, int64_t in) {
   check_packed_scales(op, packed, scales);
-  LOWRANK_CHECK(in >= 0, op, ": in_features must be >= 0, got ", in);
+  LOWRANK_CHECK(in >= 0, op, ": in_features must be >= 0 (got ", in, ")");
   LOWRANK_CHECK(packed.size(1) == packed_width(in), op, ": packed must be (out, ceil(in_features/4)) = (out, ",
-                  packed_width(in), "), got width ", packed.size(1));
+                packed_width(in), ") (got packed of shape ", shape_str(packed), ", in_features ", in, ")");
 }
 
 // Mean of |w| over the weights of one axis, clamped; an axis no weight was mapped to gets the clamp value.

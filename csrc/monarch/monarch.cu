@@ -228,7 +228,7 @@ void poison_nonfinite_rows(const char* op, const MonarchDims& d, const Tensor& x
 Tensor monarch_matmul_cuda(Tensor x, Tensor w1, Tensor w2) {
   const char* op = kFwd;
   const MonarchDims d = monarch_dims(op, x, w1, w2);
-  LOWRANK_CHECK(x.is_cuda(), op, ": expected CUDA tensors");
+  LOWRANK_CHECK(x.is_cuda(), op, ": the CUDA kernel got a tensor on ", device_name(x));
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   check_sizes(op, d);  // before any copy: an expanded x past 2^31 rows is refused, not copied
   const Tensor xc = lowrank::contiguous(x, "x");
@@ -263,7 +263,7 @@ std::tuple<Tensor, Tensor, Tensor> monarch_matmul_backward_cuda(Tensor grad_out,
                                                                 bool need_grad_x, bool need_grad_w) {
   const char* op = kBwd;
   const MonarchDims d = monarch_dims(op, x, w1, w2);
-  LOWRANK_CHECK(x.is_cuda(), op, ": expected CUDA tensors");
+  LOWRANK_CHECK(x.is_cuda(), op, ": the CUDA kernel got a tensor on ", device_name(x));
   check_grad_out(op, grad_out, x, d.out);
   check_sizes(op, d);
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());

@@ -54,10 +54,10 @@ inline void check_adam_args(const Tensor& exp_avg, const Tensor& exp_avg_sq, con
   LOWRANK_CHECK(st == ScalarType::Float || st == ScalarType::Double, op,
                 ": R must be float32, or float64 on CPU (got ", dtype_str(st), ")");
   LOWRANK_CHECK(!(st == ScalarType::Double && R.is_cuda()), op, ": R must be float32 (got float64 on CUDA)");
-  check_same_dtype(op, exp_avg, "exp_avg", R, "R");
-  check_same_dtype(op, exp_avg_sq, "exp_avg_sq", R, "R");
-  check_same_device(op, exp_avg, "exp_avg", R, "R");
-  check_same_device(op, exp_avg_sq, "exp_avg_sq", R, "R");
+  check_same_dtype(op, R, "R", exp_avg, "exp_avg");
+  check_same_dtype(op, R, "R", exp_avg_sq, "exp_avg_sq");
+  check_same_device(op, R, "R", exp_avg, "exp_avg");
+  check_same_device(op, R, "R", exp_avg_sq, "exp_avg_sq");
   bool same = exp_avg.dim() == R.dim() && exp_avg_sq.dim() == R.dim();
   for (int64_t i = 0; same && i < R.dim(); ++i) same = exp_avg.size(i) == R.size(i) && exp_avg_sq.size(i) == R.size(i);
   LOWRANK_CHECK(same, op, ": exp_avg and exp_avg_sq must have R's shape ", shape_str(R), " (got ",

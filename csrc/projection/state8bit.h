@@ -109,13 +109,14 @@ inline void check_adam8_args(const Tensor& m, const Tensor& m_absmax, const Tens
                 dtype_str(m.scalar_type()), ")");
   LOWRANK_CHECK(v.scalar_type() == ScalarType::Byte, op, ": exp_avg_sq must be uint8, unsigned codes (got ",
                 dtype_str(v.scalar_type()), ")");
-  check_same_device(op, m, "exp_avg", R, "R");
-  check_same_device(op, v, "exp_avg_sq", R, "R");
-  check_same_device(op, m_absmax, "exp_avg_absmax", R, "R");
-  check_same_device(op, v_absmax, "exp_avg_sq_absmax", R, "R");
+  check_same_device(op, R, "R", m, "exp_avg");
+  check_same_device(op, R, "R", m_absmax, "exp_avg_absmax");
+  check_same_device(op, R, "R", v, "exp_avg_sq");
+  check_same_device(op, R, "R", v_absmax, "exp_avg_sq_absmax");
   bool same = m.dim() == R.dim() && v.dim() == R.dim();
   for (int64_t i = 0; same && i < R.dim(); ++i) same = m.size(i) == R.size(i) && v.size(i) == R.size(i);
-  LOWRANK_CHECK(same, op, ": exp_avg, exp_avg_sq and R must have the same shape");
+  LOWRANK_CHECK(same, op, ": exp_avg and exp_avg_sq must have R's shape ", shape_str(R), " (got ", shape_str(m),
+                " and ", shape_str(v), ")");
   LOWRANK_CHECK(m.is_contiguous(), op, ": exp_avg must be contiguous (it is updated in place)");
   LOWRANK_CHECK(v.is_contiguous(), op, ": exp_avg_sq must be contiguous (it is updated in place)");
   const int64_t blocks = state8_blocks(R.numel());
@@ -126,7 +127,7 @@ inline void check_adam8_args(const Tensor& m, const Tensor& m_absmax, const Tens
     LOWRANK_CHECK(a.scalar_type() == ScalarType::Float, op, ": ", names[i], " must be float32 (got ",
                   dtype_str(a.scalar_type()), ")");
     LOWRANK_CHECK(a.dim() == 1 && a.size(0) == blocks, op, ": ", names[i], " must be 1-D of length ", blocks,
-                    " (one absmax per block of ", kState8Block, " elements of R)");
+                  ", one absmax per block of ", kState8Block, " elements of R (got shape ", shape_str(a), ")");
     LOWRANK_CHECK(a.is_contiguous(), op, ": ", names[i], " must be contiguous (it is updated in place)");
   }
   // every in-place tensor against every other argument: views that overlap count (a race, or a read of

@@ -262,7 +262,7 @@ Tensor sltrain_linear_cuda(Tensor x, Tensor A, Tensor B, Tensor values, Tensor i
                            std::optional<Tensor> bias, bool check) {
   const char* op = kFwd;
   const SLTrainDims d = sltrain_dims(op, x, A, B, values, indices, bias);
-  LOWRANK_CHECK(x.is_cuda(), op, ": expected CUDA tensors");
+  LOWRANK_CHECK(x.is_cuda(), op, ": the CUDA kernel got a tensor on ", device_name(x));
   check_sizes(op, d);
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());
   // indices first: their check costs O(nnz) whatever the other inputs' size
@@ -291,7 +291,7 @@ std::tuple<Tensor, Tensor, Tensor, Tensor, Tensor> sltrain_linear_backward_cuda(
     bool need_grad_x, bool need_grad_lowrank, bool need_grad_values) {
   const char* op = kBwd;
   const SLTrainDims d = sltrain_dims(op, x, A, B, values, indices, std::nullopt);
-  LOWRANK_CHECK(x.is_cuda(), op, ": expected CUDA tensors");
+  LOWRANK_CHECK(x.is_cuda(), op, ": the CUDA kernel got a tensor on ", device_name(x));
   check_grad_out(op, grad_out, x, d.out);
   check_sizes(op, d);
   torch::stable::accelerator::DeviceGuard guard(x.get_device_index());

@@ -1,7 +1,36 @@
-"""Dtype rules shared by the op families' fake kernels (the C++ side: csrc/common/checks.h)."""
+"""Checks shared by the op families' fake kernels, worded as the C++ side's (csrc/common/checks.h):
+``lowrank.<op>: <argument> <problem> (<what was given>)``, dtypes as ``float32``, shapes as tuples."""
 from __future__ import annotations
 
 import torch
+
+
+FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
+
+
+def dtype_str(dtype: torch.dtype) -> str:
+    """``float32``, not ``torch.float32``: what the C++ checks print."""
+    return str(dtype).removeprefix("torch.")
+
+
+def shape_str(t: torch.Tensor) -> str:
+    return str(tuple(t.shape))
+
+
+def check_dim(op: str, t: torch.Tensor, name: str, dim: int, layout: str) -> None:
+    torch._check(t.dim() == dim, lambda: f"{op}: {name} must be {dim}-D {layout} (got a {t.dim()}-D tensor of shape "
+                                         f"{shape_str(t)})")
+
+
+def check_float(op: str, t: torch.Tensor, name: str) -> None:
+    """float32 / float16 / bfloat16, or float64 (CPU only: a fake cannot tell, the CUDA kernel refuses it)."""
+    torch._check(t.dtype in FLOATS, lambda: f"{op}: {name} must be float32, float16 or bfloat16, or float64 on CPU "
+                                            f"(got {dtype_str(t.dtype)})")
+
+
+def check_same_dtype(op: str, a: torch.Tensor, an: str, b: torch.Tensor, bn: str) -> None:
+    torch._check(a.dtype == b.dtype, lambda: f"{op}: {bn} must have {an}'s dtype (got {an} {dtype_str(a.dtype)}, "
+                                             f"{bn} {dtype_str(b.dtype)})")
 
 
 def companion_dtype(dtype: torch.dtype) -> torch.dtype:
@@ -12,8 +41,9 @@ def companion_dtype(dtype: torch.dtype) -> torch.dtype:
 def check_companion(op: str, t: torch.Tensor, name: str, ref: torch.Tensor, ref_name: str) -> None:
     """``t`` must have ``ref``'s companion dtype."""
     want = companion_dtype(ref.dtype)
-    torch._check(t.dtype == want, lambda: f"{op}: {name} must be {want} ({name} is float64 iff {ref_name} is "
-                                          f"float64, float32 otherwise), got {t.dtype}")
+    torch._check(t.dtype == want, lambda: f"{op}: {name} must be {dtype_str(want)}, float64 iff {ref_name} is "
+                                          f"float64 (got {name} {dtype_str(t.dtype)}, {ref_name} "
+                                          f"{dtype_str(ref.dtype)})")
 
 
 def check_same_device(op: str, *named) -> None:

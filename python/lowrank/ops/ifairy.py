@@ -12,14 +12,13 @@ from __future__ import annotations
 import torch
 
 from ._autograd import refuse_gradient
+from ._common import check_dim, check_float, check_same_device, check_same_dtype, dtype_str, shape_str
 
 __all__ = ["ifairy_quantize", "ifairy_dequantize", "ifairy_linear", "ifairy_linear_multi"]
 # names in torch.ops.lowrank of this family
 OP_NAMES = ["ifairy_quantize", "ifairy_dequantize", "ifairy_linear", "ifairy_linear_multi"]
 # W2A8 sums are exact int32: |A| <= 127·in_features, so in_features is capped where that fits (2^31 − 1)
 MAX_W2A8_IN_FEATURES = (2**31 - 1) // 127
-
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def ifairy_quantize(w_real: torch.Tensor, w_imag: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -103,24 +102,27 @@ def ifairy_linear_multi(x_real: torch.Tensor, x_imag: torch.Tensor, packed: list
 
 
 # --------------------------------------------------------------------------------------------- fakes
-def _check_packed_scales(op, packed, scales):
-    torch._check(packed.dim() == 2, lambda: f"{op}: packed must be 2-D (out, ceil(in/4)) uint8, got a "
-                                            f"{packed.dim()}-D tensor")
-    torch._check(packed.dtype == torch.uint8, lambda: f"{op}: packed must be uint8, got {packed.dtype}")
-    torch._check(scales.dtype == torch.float32, lambda: f"{op}: scales must be float32 [s_re, s_im], got {scales.dtype}")
-    torch._check(scales.numel() == 2, lambda: f"{op}: scales must hold 2 elements [s_re, s_im], got {scales.numel()}")
-    torch._check(packed.device == scales.device, lambda: f"{op}: packed and scales must be on the same device")
+# The same checks, in the same order and words, as csrc/ifairy/ifairy_common.h.
+def _check_packed_scales(op, packed, scales, pname="packed", sname="scales"):
+    check_dim(op, packed, pname, 2, "(out, ceil(in/4)) uint8")
+    torch._check(packed.dtype == torch.uint8, lambda: f"{op}: {pname} must be uint8 (got {dtype_str(packed.dtype)})")
+    torch._check(scales.dtype == torch.float32,
+                 lambda: f"{op}: {sname} must be float32 [s_re, s_im] (got {dtype_str(scales.dtype)})")
+    torch._check(scales.numel() == 2, lambda: f"{op}: {sname} must hold 2 elements [s_re, s_im] (got {scales.numel()} "
+                                              f"elements, shape {shape_str(scales)})")
+    check_same_device(op, (pname, packed), (sname, scales))
 
 
 @torch.library.register_fake("lowrank::ifairy_quantize")
 def _ifairy_quantize_fake(w_real, w_imag):
     op = "lowrank.ifairy_quantize"
-    torch._check(w_real.dim() == 2 and w_imag.dim() == 2, lambda: f"{op}: w_real and w_imag must be 2-D (out, in)")
-    torch._check(w_real.shape == w_imag.shape, lambda: f"{op}: w_real and w_imag must have the same shape")
-    torch._check(w_real.dtype in _FLOATS, lambda: f"{op}: w_real must be float32, float16 or bfloat16 (float64 on "
-                                                  f"CPU), got {w_real.dtype}")
-    torch._check(w_real.dtype == w_imag.dtype, lambda: f"{op}: w_real and w_imag must have the same dtype")
-    torch._check(w_real.device == w_imag.device, lambda: f"{op}: w_real and w_imag must be on the same device")
+    check_dim(op, w_real, "w_real", 2, "(out, in)")
+    check_dim(op, w_imag, "w_imag", 2, "(out, in)")
+    torch._check(w_real.shape == w_imag.shape, lambda: f"{op}: w_imag must have w_real's shape (got w_real "
+                                                       f"{shape_str(w_real)}, w_imag {shape_str(w_imag)})")
+    check_float(op, w_real, "w_real")
+    check_same_dtype(op, w_real, "w_real", w_imag, "w_imag")
+    check_same_device(op, ("w_real", w_real), ("w_imag", w_imag))
     out, inn = w_real.shape
     return (w_real.new_empty((out, (inn + 3) // 4), dtype=torch.uint8), w_real.new_empty((2,), dtype=torch.float32))
 
@@ -129,34 +131,37 @@ def _ifairy_quantize_fake(w_real, w_imag):
 def _ifairy_dequantize_fake(packed, scales, in_features):
     op = "lowrank.ifairy_dequantize"
     _check_packed_scales(op, packed, scales)
-    torch._check(in_features >= 0, lambda: f"{op}: in_features must be >= 0")
+    torch._check(in_features >= 0, lambda: f"{op}: in_features must be >= 0 (got {in_features})")
     torch._check(packed.shape[1] == (in_features + 3) // 4,
-                 lambda: f"{op}: packed must be (out, ceil(in_features/4)) = (out, {(in_features + 3) // 4})")
+                 lambda: f"{op}: packed must be (out, ceil(in_features/4)) = (out, {(in_features + 3) // 4}) "
+                         f"(got packed of shape {shape_str(packed)}, in_features {in_features})")
     shape = (packed.shape[0], in_features)
     return packed.new_empty(shape, dtype=torch.float32), packed.new_empty(shape, dtype=torch.float32)
 
 
 def _check_x(op, x_real, x_imag, act_quant, in_features):
-    torch._check(x_real.dim() >= 1, lambda: f"{op}: x_real must have at least 1 dimension (..., in)")
-    torch._check(x_real.shape == x_imag.shape, lambda: f"{op}: x_real and x_imag must have the same shape")
-    torch._check(x_real.dtype in _FLOATS, lambda: f"{op}: x_real must be float32, float16 or bfloat16 (float64 on "
-                                                  f"CPU), got {x_real.dtype}")
-    torch._check(x_real.dtype == x_imag.dtype, lambda: f"{op}: x_real and x_imag must have the same dtype")
-    torch._check(x_real.device == x_imag.device, lambda: f"{op}: x_real and x_imag must be on the same device")
+    torch._check(x_real.dim() >= 1, lambda: f"{op}: x_real must have at least 1 dimension (..., in) (got a 0-D tensor)")
+    torch._check(x_real.shape == x_imag.shape, lambda: f"{op}: x_imag must have x_real's shape (got x_real "
+                                                       f"{shape_str(x_real)}, x_imag {shape_str(x_imag)})")
+    check_float(op, x_real, "x_real")
+    check_same_dtype(op, x_real, "x_real", x_imag, "x_imag")
+    check_same_device(op, ("x_real", x_real), ("x_imag", x_imag))
     inn = x_real.shape[-1]
     torch._check(in_features is None or in_features == inn,
-                 lambda: f"{op}: in_features ({in_features}) must equal x's last dimension ({inn})")
+                 lambda: f"{op}: in_features must equal x_real's last dimension (got in_features {in_features}, "
+                         f"x_real of shape {shape_str(x_real)})")
     torch._check(not act_quant or inn <= MAX_W2A8_IN_FEATURES,
-                 lambda: f"{op}: x's last dimension ({inn}) must be at most {MAX_W2A8_IN_FEATURES} with "
-                         "act_quant=True (the exact int8 sums are int32)")
+                 lambda: f"{op}: x_real's last dimension must be at most {MAX_W2A8_IN_FEATURES} with act_quant=True, "
+                         f"the exact int8 sums being int32 (got x_real of shape {shape_str(x_real)})")
     return inn
 
 
-def _check_weight(op, x_real, packed, scales, inn):
-    _check_packed_scales(op, packed, scales)
-    torch._check(x_real.device == packed.device, lambda: f"{op}: x_real and packed must be on the same device")
+def _check_weight(op, x_real, packed, scales, inn, pname="packed", sname="scales"):
+    _check_packed_scales(op, packed, scales, pname, sname)
+    check_same_device(op, ("x_real", x_real), (pname, packed))
     torch._check(packed.shape[1] == (inn + 3) // 4,
-                 lambda: f"{op}: packed must be (out, ceil(in/4)) for in = x's last dimension ({inn})")
+                 lambda: f"{op}: {pname} must be (out, ceil(in/4)) = (out, {(inn + 3) // 4}) for in = x_real's last "
+                         f"dimension (got {pname} of shape {shape_str(packed)}, x_real of shape {shape_str(x_real)})")
     shape = (*x_real.shape[:-1], packed.shape[0])
     return x_real.new_empty(shape), x_real.new_empty(shape)
 
@@ -172,9 +177,10 @@ def _ifairy_linear_fake(x_real, x_imag, packed, scales, act_quant=True, in_featu
 def _ifairy_linear_multi_fake(x_real, x_imag, packed, scales, act_quant=True, in_features=None):
     op = "lowrank.ifairy_linear_multi"
     inn = _check_x(op, x_real, x_imag, act_quant, in_features)
-    torch._check(len(packed) == len(scales), lambda: f"{op}: packed and scales must be lists of the same length, "
-                                                     f"got {len(packed)} and {len(scales)}")
-    return [y for p, s in zip(packed, scales) for y in _check_weight(op, x_real, p, s, inn)]
+    torch._check(len(packed) == len(scales), lambda: f"{op}: packed and scales must be lists of the same length "
+                                                     f"(got {len(packed)} and {len(scales)})")
+    return [y for i, (p, s) in enumerate(zip(packed, scales))
+            for y in _check_weight(op, x_real, p, s, inn, f"packed[{i}]", f"scales[{i}]")]
 
 
 # ------------------------------------------------------------------------------------------ autograd

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_companion, check_same_device, companion_dtype
+from ._common import check_companion, check_same_device, check_same_dtype, companion_dtype, dtype_str, shape_str
 
 __all__ = ["galore_project", "adam_lowrank_", "galore_update_", "dct_basis", "basis_scores", "dct_select",
            "adam_lowrank_8bit_", "STATE8_BLOCK"]
@@ -143,16 +143,22 @@ def _galore_project_fake(G, P, left, want_sqnorms):
 
 @torch.library.register_fake("lowrank::adam_lowrank_")
 def _adam_lowrank_fake(exp_avg, exp_avg_sq, R, beta1, beta2, eps):
-    op = "lowrank.adam_lowrank_"
-    torch._check(R.dtype in (torch.float32, torch.float64), lambda: f"{op}: R must be float32 (float64 on CPU)")
+    op = "lowrank.adam_lowrank_"  # the checks of check_adam_args (csrc/projection/projection_common.h)
+    torch._check(R.dtype in (torch.float32, torch.float64),
+                 lambda: f"{op}: R must be float32, or float64 on CPU (got {dtype_str(R.dtype)})")
+    check_same_dtype(op, R, "R", exp_avg, "exp_avg")
+    check_same_dtype(op, R, "R", exp_avg_sq, "exp_avg_sq")
     check_same_device(op, ("R", R), ("exp_avg", exp_avg), ("exp_avg_sq", exp_avg_sq))
-    torch._check(exp_avg.dtype == R.dtype and exp_avg_sq.dtype == R.dtype,
-                 lambda: f"{op}: exp_avg, exp_avg_sq and R must have the same dtype")
-    torch._check(exp_avg.shape == R.shape and exp_avg_sq.shape == R.shape,
-                 lambda: f"{op}: exp_avg, exp_avg_sq and R must have the same shape")
-    torch._check(exp_avg.is_contiguous() and exp_avg_sq.is_contiguous(),
-                 lambda: f"{op}: exp_avg and exp_avg_sq must be contiguous (they are updated in place)")
+    _check_moment_shapes(op, exp_avg, exp_avg_sq, R)
+    torch._check(exp_avg.is_contiguous(), lambda: f"{op}: exp_avg must be contiguous (it is updated in place)")
+    torch._check(exp_avg_sq.is_contiguous(), lambda: f"{op}: exp_avg_sq must be contiguous (it is updated in place)")
     return torch.empty(R.shape, dtype=R.dtype, device=R.device)
+
+
+def _check_moment_shapes(op, exp_avg, exp_avg_sq, R):
+    torch._check(exp_avg.shape == R.shape and exp_avg_sq.shape == R.shape,
+                 lambda: f"{op}: exp_avg and exp_avg_sq must have R's shape {shape_str(R)} (got {shape_str(exp_avg)} "
+                         f"and {shape_str(exp_avg_sq)})")
 
 
 @torch.library.register_fake("lowrank::galore_update_")
@@ -221,20 +227,22 @@ def adam_lowrank_8bit_(exp_avg: torch.Tensor, exp_avg_absmax: torch.Tensor, exp_
 
 @torch.library.register_fake("lowrank::adam_lowrank_8bit_")
 def _adam_lowrank_8bit_fake(exp_avg, exp_avg_absmax, exp_avg_sq, exp_avg_sq_absmax, R, beta1, beta2, eps):
-    op = "lowrank.adam_lowrank_8bit_"
-    check_same_device(op, ("R", R), ("exp_avg", exp_avg), ("exp_avg_absmax", exp_avg_absmax), ("exp_avg_sq", exp_avg_sq),
-                      ("exp_avg_sq_absmax", exp_avg_sq_absmax))
-    torch._check(R.dtype == torch.float32, lambda: f"{op}: R must be float32, got {R.dtype}")
-    torch._check(exp_avg.dtype == torch.int8, lambda: f"{op}: exp_avg must be int8 (signed codes), got {exp_avg.dtype}")
+    op = "lowrank.adam_lowrank_8bit_"  # the checks of check_adam8_args (csrc/projection/state8bit.h)
+    torch._check(R.dtype == torch.float32, lambda: f"{op}: R must be float32 (got {dtype_str(R.dtype)})")
+    torch._check(exp_avg.dtype == torch.int8,
+                 lambda: f"{op}: exp_avg must be int8, signed codes (got {dtype_str(exp_avg.dtype)})")
     torch._check(exp_avg_sq.dtype == torch.uint8,
-                 lambda: f"{op}: exp_avg_sq must be uint8 (unsigned codes), got {exp_avg_sq.dtype}")
-    torch._check(exp_avg.shape == R.shape and exp_avg_sq.shape == R.shape,
-                 lambda: f"{op}: exp_avg, exp_avg_sq and R must have the same shape")
+                 lambda: f"{op}: exp_avg_sq must be uint8, unsigned codes (got {dtype_str(exp_avg_sq.dtype)})")
+    check_same_device(op, ("R", R), ("exp_avg", exp_avg), ("exp_avg_absmax", exp_avg_absmax),
+                      ("exp_avg_sq", exp_avg_sq), ("exp_avg_sq_absmax", exp_avg_sq_absmax))
+    _check_moment_shapes(op, exp_avg, exp_avg_sq, R)
     torch._check(exp_avg.is_contiguous(), lambda: f"{op}: exp_avg must be contiguous (it is updated in place)")
     torch._check(exp_avg_sq.is_contiguous(), lambda: f"{op}: exp_avg_sq must be contiguous (it is updated in place)")
     blocks = (R.numel() + STATE8_BLOCK - 1) // STATE8_BLOCK
     for name, a in (("exp_avg_absmax", exp_avg_absmax), ("exp_avg_sq_absmax", exp_avg_sq_absmax)):
-        torch._check(a.dtype == torch.float32, lambda: f"{op}: {name} must be float32, got {a.dtype}")
+        torch._check(a.dtype == torch.float32, lambda: f"{op}: {name} must be float32 (got {dtype_str(a.dtype)})")
         torch._check(a.dim() == 1 and a.shape[0] == blocks,
-                     lambda: f"{op}: {name} must be 1-D of length {blocks} (one absmax per block of 256 elements of R)")
+                     lambda: f"{op}: {name} must be 1-D of length {blocks}, one absmax per block of {STATE8_BLOCK} "
+                             f"elements of R (got shape {shape_str(a)})")
+        torch._check(a.is_contiguous(), lambda: f"{op}: {name} must be contiguous (it is updated in place)")
     return torch.empty(R.shape, dtype=R.dtype, device=R.device)
