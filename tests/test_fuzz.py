@@ -344,6 +344,27 @@ def _update_args(dev):
     return [torch.randn(8, 5, device=dev), torch.randn(8, 3, device=dev), torch.randn(3, 5, device=dev)]
 
 
+def _adam_args(dev):
+    return [torch.rand(4, 6, device=dev), torch.rand(4, 6, device=dev), torch.randn(4, 6, device=dev)]
+
+
+def _adam8_args(dev):  # 300 elements: two blocks of 256
+    return [torch.zeros(10, 30, dtype=torch.int8, device=dev), torch.zeros(2, device=dev),
+            torch.zeros(10, 30, dtype=torch.uint8, device=dev), torch.zeros(2, device=dev),
+            torch.randn(10, 30, device=dev)]
+
+
+def _ifairy_quantize_args(dev):
+    return [torch.randn(5, 10, device=dev), torch.randn(5, 10, device=dev)]
+
+
+def _ifairy_linear_args(dev, layers=1):
+    args = [torch.randn(3, 10, device=dev), torch.randn(3, 10, device=dev)]
+    for out in (5, 4)[:layers]:
+        args += lowrank.ifairy_quantize(torch.randn(out, 10, device=dev), torch.randn(out, 10, device=dev))
+    return args
+
+
 OPS = torch.ops.lowrank
 CALLS = {
     "monarch_matmul": (_monarch_args, lambda *a: OPS.monarch_matmul(*a)),
@@ -351,9 +372,23 @@ CALLS = {
     "galore_project": (_project_args, lambda *a: OPS.galore_project(*a, False, True)),
     "basis_scores": (_scores_args, lambda *a: OPS.basis_scores(*a, False)),
     "galore_update_": (_update_args, lambda *a: OPS.galore_update_(*a, False, 1.0, None, None)),
+    "adam_lowrank_": (_adam_args, lambda *a: OPS.adam_lowrank_(*a, 0.9, 0.99, 1e-8)),
+    "adam_lowrank_8bit_": (_adam8_args, lambda *a: OPS.adam_lowrank_8bit_(*a, 0.9, 0.99, 1e-8)),
+    "ifairy_quantize": (_ifairy_quantize_args, lambda *a: OPS.ifairy_quantize(*a)),
+    "ifairy_dequantize": (lambda dev: _ifairy_linear_args(dev)[2:], lambda *a: OPS.ifairy_dequantize(*a, 10)),
+    "ifairy_linear": (_ifairy_linear_args, lambda *a: OPS.ifairy_linear(*a, True, None)),
+    "ifairy_linear_multi": (lambda dev: _ifairy_linear_args(dev, 2),
+                            lambda *a: OPS.ifairy_linear_multi(a[0], a[1], [a[2], a[4]], [a[3], a[5]], True, None)),
 }
+# Ops whose fake (meta) kernel words every error as the real kernels do: the same bad input, moved to meta,
+# must give the same message.
+FAKE_WORDED_ALIKE = ["adam_lowrank_", "adam_lowrank_8bit_", "ifairy_quantize", "ifairy_dequantize", "ifairy_linear",
+                     "ifairy_linear_multi"]
+# Ops on which a float16 argument is legal somewhere (covered by the dtype fuzz): the half mutation is skipped.
+HALF_LEGAL = {"sltrain_linear", "galore_project", "basis_scores", "galore_update_"}
 
-# Mutations that make any argument invalid for every op above (all take >= 2-D float tensors first).
+# Mutations that make any argument invalid for every op above (all take >= 2-D tensors first; iFairy's 1-D
+# scales must hold exactly 2 float32 elements, the 8-bit state's 1-D absmax vectors one float32 per block).
 MUTATIONS = {
     "int_dtype": lambda t: t.to(torch.int32) if t.is_floating_point() else t.float(),
     "extra_dim": lambda t: t.unsqueeze(0).expand(2, *t.shape),
@@ -364,23 +399,45 @@ MUTATIONS = {
 }
 
 
-@pytest.mark.parametrize("device", devices)
-@FUZZ
-@given(data=st.data())
-def test_bad_inputs_raise_clean_errors(device, data):
-    d = data.draw
-    op = d(st.sampled_from(list(CALLS)))
+def _bad_call(op, device, which, mutation):
+    """The message of op's error with argument `which` mutated, or None when that mutation is legal there."""
     make, call = CALLS[op]
     args = make(device)
-    which = d(st.integers(0, len(args) - 1))
-    mutation = d(st.sampled_from(list(MUTATIONS)))
-    if mutation == "half_weight" and (op != "monarch_matmul" or which == 0):
-        return  # a float16 G / x is legal elsewhere; covered by the dtype fuzz
+    if mutation == "half_weight" and (op in HALF_LEGAL or op == "monarch_matmul" and which == 0):
+        return None  # a float16 G / x is legal there; covered by the dtype fuzz
     if mutation == "extra_dim" and which == 0 and op in ("monarch_matmul", "sltrain_linear"):
-        return  # x takes any leading dims
+        return None  # x takes any leading dims
     args[which] = MUTATIONS[mutation](args[which])
     with pytest.raises((RuntimeError, ValueError, TypeError, NotImplementedError, IndexError)) as e:
         call(*args)
     msg = str(e.value)
     assert "lowrank." in msg or mutation == "zero_dim" and "dimension" in msg.lower(), msg
     assert not _PATH.search(msg), msg
+    return msg, call, args
+
+
+@pytest.mark.parametrize("device", devices)
+@FUZZ
+@given(data=st.data())
+def test_bad_inputs_raise_clean_errors(device, data):
+    d = data.draw
+    op = d(st.sampled_from(list(CALLS)))
+    which = d(st.integers(0, len(CALLS[op][0]("cpu")) - 1))
+    _bad_call(op, device, which, d(st.sampled_from(list(MUTATIONS))))
+
+
+ALIKE_CASES = [(op, i, m) for op in FAKE_WORDED_ALIKE for i in range(len(CALLS[op][0]("cpu"))) for m in MUTATIONS]
+
+
+@pytest.mark.parametrize("device", devices)
+@pytest.mark.parametrize("op,which,mutation", ALIKE_CASES, ids=[f"{o}-{i}-{m}" for o, i, m in ALIKE_CASES])
+def test_bad_inputs_fake_and_kernel_word_alike(device, op, which, mutation):
+    """Every bad argument of these ops raises `lowrank.<op>: ...`; moved with the others to meta (the fake kernel,
+    what torch.compile traces) it raises the same message."""
+    bad = _bad_call(op, device, which, mutation)
+    if bad is None or mutation == "meta":
+        return
+    msg, call, args = bad
+    with pytest.raises(RuntimeError) as e:
+        call(*[a.to("meta") for a in args])
+    assert msg.startswith(f"lowrank.{op}: ") and str(e.value) == msg, (msg, str(e.value))

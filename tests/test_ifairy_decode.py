@@ -189,7 +189,8 @@ def test_in_features_argument(device):
     with pytest.raises(BAD_INPUT_ERRORS, match=r"lowrank.ifairy_linear: in_features must equal x_real's last "
                                                r"dimension \(got in_features 130, x_real of shape \(2, 129\)\)"):
         lowrank.ifairy_linear(*args, in_features=130)
-    with pytest.raises(BAD_INPUT_ERRORS, match=r"lowrank.ifairy_linear_multi: in_features must equal .* \(got in_features 130, "):
+    with pytest.raises(BAD_INPUT_ERRORS,
+                       match=r"lowrank.ifairy_linear_multi: in_features must equal .* \(got in_features 130, "):
         lowrank.ifairy_linear_multi(args[0], args[1], [args[2]], [args[3]], in_features=130)
     y = lowrank.ifairy_linear(*args, in_features=129)
     if device != "meta":

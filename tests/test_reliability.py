@@ -1,4 +1,4 @@
-"""Regression tests of issue 14 across the Monarch, SLTrain and projection families: arguments on different
+"""Regression tests of issue 14 across the Monarch, SLTrain, projection and iFairy families: arguments on different
 devices (meta included) are refused by the fake and the real kernels, an in-place output aliasing an input is
 refused, error messages read `lowrank.<op>: <argument> <problem> (<what was given>)` without C++ function names
 or source paths, allocation failures name the op and the size."""
@@ -34,6 +34,11 @@ def _cases():
     sl = _sltrain_args()
     g_out = torch.randn(3, 5)
     mon = [torch.randn(3, 8), torch.randn(2, 4, 4), torch.randn(2, 6, 4)]
+    w = [torch.randn(6, 10), torch.randn(6, 10)]
+    packed, scales = lowrank.ifairy_quantize(*w)
+    xs = [torch.randn(2, 10), torch.randn(2, 10)]
+    s8 = [torch.zeros(8, 3, dtype=torch.int8), torch.zeros(1), torch.zeros(8, 3, dtype=torch.uint8), torch.zeros(1),
+          torch.randn(8, 3)]
     return {
         "sltrain_linear": (lambda *a: OPS.sltrain_linear(*a, 0.5, None, True), sl, ["x", "A", "B", "values", "indices"]),
         "sltrain_linear_backward": (lambda *a: OPS.sltrain_linear_backward(*a, 0.5, False, True, True, True),
@@ -43,6 +48,15 @@ def _cases():
         "galore_update_": (lambda *a: OPS.galore_update_(*a, False, 1.0, None, None), [W, M, P], ["W", "M", "P"]),
         "basis_scores": (lambda *a: OPS.basis_scores(*a, False), [G, lowrank.dct_basis(5)], ["G", "Q"]),
         "monarch_matmul": (lambda *a: OPS.monarch_matmul(*a), mon, ["x", "w1", "w2"]),
+        "adam_lowrank_8bit_": (lambda *a: OPS.adam_lowrank_8bit_(*a, 0.9, 0.99, 1e-8), s8,
+                               ["exp_avg", "exp_avg_absmax", "exp_avg_sq", "exp_avg_sq_absmax", "R"]),
+        "ifairy_quantize": (lambda *a: OPS.ifairy_quantize(*a), w, ["w_real", "w_imag"]),
+        "ifairy_dequantize": (lambda *a: OPS.ifairy_dequantize(*a, 10), [packed, scales], ["packed", "scales"]),
+        "ifairy_linear": (lambda *a: OPS.ifairy_linear(*a, True, None), xs + [packed, scales],
+                          ["x_real", "x_imag", "packed", "scales"]),
+        "ifairy_linear_multi": (lambda *a: OPS.ifairy_linear_multi(a[0], a[1], [a[2], a[4]], [a[3], a[5]], True, None),
+                                xs + [packed, scales] * 2,
+                                ["x_real", "x_imag", "packed[0]", "scales[0]", "packed[1]", "scales[1]"]),
     }
 
 
