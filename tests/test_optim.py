@@ -560,3 +560,13 @@ def test_per_layer_step_skips_frozen_parameters():
     before = model.weight.detach().clone()
     model(torch.randn(5, 4)).sum().backward()
     assert not torch.equal(model.weight.detach(), before) and model.weight.grad is None
+
+
+def test_per_layer_step_still_importable_from_galore():
+    """register_per_layer_step / PerLayerStep moved to lowrank.optim.per_layer; the old path re-exports them."""
+    from lowrank.optim import galore, per_layer
+    from lowrank.optim.galore import PerLayerStep, register_per_layer_step as old
+    assert old is per_layer.register_per_layer_step and PerLayerStep is per_layer.PerLayerStep
+    assert set(galore.__all__) >= {"PerLayerStep", "register_per_layer_step"}
+    with pytest.raises(AttributeError):
+        galore.no_such_name

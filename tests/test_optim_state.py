@@ -268,6 +268,27 @@ def test_state_options_are_validated():
         GaLoreAdamW([{"params": [q], "rank": 2, "state_bits": 8}]).step()
 
 
+@pytest.mark.parametrize("bits", [8, 32])
+def test_state_of_the_other_width_is_refused(bits):
+    """A state saved with one state_bits loaded into a group edited to the other: a ValueError naming the
+    option, not a dtype error from inside the kernel."""
+    p = nn.Parameter(torch.randn(16, 12))
+    p.grad = torch.randn(16, 12)
+    other = 8 if bits == 32 else 32
+
+    def make(b):
+        return GaLoreAdamW([{"params": [p], "rank": 4, "update_proj_gap": 10, "state_bits": b}], lr=1e-2)
+    first = make(other)
+    first.step()
+    sd = first.state_dict()
+    sd["param_groups"][0]["state_bits"] = bits
+    opt = make(bits)
+    opt.load_state_dict(sd)
+    with pytest.raises(ValueError, match=f"GaLoreAdamW: this parameter's moments are .* but its group asks for "
+                                         f"state_bits={bits}"):
+        opt.step()
+
+
 def test_reproject_8bit_state_decodes_reprojects_and_reencodes():
     from lowrank.reference import (dequantize_exp_avg_reference, dequantize_exp_avg_sq_reference,
                                    quantize_exp_avg_reference, quantize_exp_avg_sq_reference)

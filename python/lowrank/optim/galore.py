@@ -56,7 +56,16 @@ from ..reference.projection import galore_project_reference, galore_update_refer
 from . import _moments, _state8bit
 from ._sharding import Layout, is_dtensor, local
 
-__all__ = ["GaLoreAdamW", "shared_dct_basis"]
+__all__ = ["GaLoreAdamW", "PerLayerStep", "register_per_layer_step", "shared_dct_basis"]
+
+
+def __getattr__(name: str):
+    # PerLayerStep / register_per_layer_step moved to per_layer.py, which imports this module: re-exported on
+    # first use so that `from lowrank.optim.galore import register_per_layer_step` still works, without a cycle
+    if name in ("PerLayerStep", "register_per_layer_step"):
+        from . import per_layer
+        return getattr(per_layer, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 PROJ_TYPES = ("std", "reverse_std", "right", "left")  # galore-torch's 'full' (two-sided) is refused
 BASES = ("svd", "dct", "randomized")
@@ -303,6 +312,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
             shape = (R.shape[0], lay.shape[1]) if left else (lay.shape[0], R.shape[1])
             for key in ("exp_avg", "exp_avg_sq"):
                 state[key] = lay.wrap(R.new_zeros(R.shape), 1 if left else 0, shape)
+        elif state["exp_avg"].dtype == torch.int8:  # the mirror of _state8bit.adam_step's check
+            raise ValueError("GaLoreAdamW: this parameter's moments are 8-bit codes but its group asks for "
+                             "state_bits=32 (state_bits cannot change during training)")
         return _ops.adam_lowrank_(local(state["exp_avg"]), local(state["exp_avg_sq"]), R, beta1, beta2, group["eps"])
 
     def _projected_step(self, p: torch.Tensor, group: dict) -> None:
