@@ -380,10 +380,8 @@ CALLS = {
     "ifairy_linear_multi": (lambda dev: _ifairy_linear_args(dev, 2),
                             lambda *a: OPS.ifairy_linear_multi(a[0], a[1], [a[2], a[4]], [a[3], a[5]], True, None)),
 }
-# Ops whose fake (meta) kernel words every error as the real kernels do: the same bad input, moved to meta,
-# must give the same message.
-FAKE_WORDED_ALIKE = ["adam_lowrank_", "adam_lowrank_8bit_", "ifairy_quantize", "ifairy_dequantize", "ifairy_linear",
-                     "ifairy_linear_multi"]
+# Every op's fake (meta) kernel words its errors as the real kernels do: the same bad input, moved to meta, must
+# give the same message.
 # Ops on which a float16 argument is legal somewhere (covered by the dtype fuzz): the half mutation is skipped.
 HALF_LEGAL = {"sltrain_linear", "galore_project", "basis_scores", "galore_update_"}
 
@@ -426,13 +424,13 @@ def test_bad_inputs_raise_clean_errors(device, data):
     _bad_call(op, device, which, d(st.sampled_from(list(MUTATIONS))))
 
 
-ALIKE_CASES = [(op, i, m) for op in FAKE_WORDED_ALIKE for i in range(len(CALLS[op][0]("cpu"))) for m in MUTATIONS]
+ALIKE_CASES = [(op, i, m) for op in CALLS for i in range(len(CALLS[op][0]("cpu"))) for m in MUTATIONS]
 
 
 @pytest.mark.parametrize("device", devices)
 @pytest.mark.parametrize("op,which,mutation", ALIKE_CASES, ids=[f"{o}-{i}-{m}" for o, i, m in ALIKE_CASES])
 def test_bad_inputs_fake_and_kernel_word_alike(device, op, which, mutation):
-    """Every bad argument of these ops raises `lowrank.<op>: ...`; moved with the others to meta (the fake kernel,
+    """Every bad argument raises `lowrank.<op>: ...`; moved with the others to meta (the fake kernel,
     what torch.compile traces) it raises the same message."""
     bad = _bad_call(op, device, which, mutation)
     if bad is None or mutation == "meta":

@@ -54,3 +54,12 @@ def check_same_device(op: str, *named) -> None:
         if t is not None:
             torch._check(t.device == ref.device, lambda: f"{op}: {name} must be on {ref_name}'s device (got {ref_name} "
                                                           f"on {ref.device}, {name} on {t.device})")
+
+
+def check_grad_out(op: str, grad_out: torch.Tensor, x: torch.Tensor, last: int) -> None:
+    """grad_out of a backward op: x's dtype and device, shape (x's leading dims, last)."""
+    check_same_dtype(op, x, "x", grad_out, "grad_out")
+    check_same_device(op, ("x", x), ("grad_out", grad_out))
+    want = (*x.shape[:-1], last)
+    torch._check(tuple(grad_out.shape) == want, lambda: f"{op}: grad_out must have the output's shape {want} (x's "
+                                                        f"leading dims, {last}) (got {shape_str(grad_out)})")

@@ -5,7 +5,8 @@ import torch
 
 from ._autograd import refuse_double_backward
 from .._loader import register_cuda_stub
-from ._common import check_companion, check_same_device, companion_dtype
+from ._common import (check_companion, check_dim, check_float, check_grad_out, check_same_device, check_same_dtype,
+                      companion_dtype, shape_str)
 
 _FWD = "lowrank::monarch_matmul"
 _BWD = "lowrank::monarch_matmul_backward"
@@ -80,21 +81,22 @@ def monarch_matmul_backward_saved(grad_out, x, w1, w2, mid, need_grad_x: bool = 
 
 
 def _check_meta(op: str, x, w1, w2):
-    torch._check(x.dim() >= 1, lambda: f"{op}: x must have at least 1 dimension (..., n)")
-    torch._check(w1.dim() == 3, lambda: f"{op}: w1 must be 3-D (k, q, p), got a {w1.dim()}-D tensor")
-    torch._check(w2.dim() == 3, lambda: f"{op}: w2 must be 3-D (l, s, r), got a {w2.dim()}-D tensor")
-    torch._check(
-        x.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64),
-        lambda: f"{op}: x must be float32, float16 or bfloat16 (float64 on CPU), got {x.dtype}",
-    )
-    for name, w in (("w1", w1), ("w2", w2)):
-        torch._check(w.dtype == x.dtype, lambda: f"{op}: {name} must have x's dtype (got x {x.dtype}, {name} {w.dtype})")
+    # monarch_dims (csrc/monarch/monarch_common.h): the same checks in the same order and words
+    torch._check(x.dim() >= 1, lambda: f"{op}: x must have at least 1 dimension (..., n) (got a 0-D tensor)")
+    check_dim(op, w1, "w1", 3, "(k, q, p)")
+    check_dim(op, w2, "w2", 3, "(l, s, r)")
+    check_float(op, x, "x")
+    check_same_dtype(op, x, "x", w1, "w1")
+    check_same_dtype(op, x, "x", w2, "w2")
     check_same_device(op, ("x", x), ("w1", w1), ("w2", w2))
     k, q, p = w1.shape
     l, s, r = w2.shape
-    torch._check(min(k, q, p, l, s, r) > 0, lambda: f"{op}: w1 and w2 must have no zero-sized dimension")
-    torch._check(k * p == x.shape[-1], lambda: f"{op}: x's last dimension must equal k·p = {k * p}")
-    torch._check(l * r == k * q, lambda: f"{op}: w2 needs l·r = k·q")
+    torch._check(min(k, q, p, l, s, r) > 0, lambda: f"{op}: w1 and w2 must have no zero-sized dimension (got w1 of "
+                                                    f"{shape_str(w1)}, w2 of {shape_str(w2)})")
+    torch._check(k * p == x.shape[-1], lambda: f"{op}: x's last dimension must equal k·p = {k * p} for w1 of shape "
+                                               f"{shape_str(w1)} (got {x.shape[-1]})")
+    torch._check(l * r == k * q, lambda: f"{op}: w2 must have l·r = k·q = {k * q} for w1 of shape {shape_str(w1)} "
+                                         f"(got w2 of {shape_str(w2)}, l·r = {l * r})")
     return l * s
 
 
@@ -108,13 +110,7 @@ def _monarch_matmul_fake(x, w1, w2):
 def _monarch_matmul_backward_fake(grad_out, x, w1, w2, need_grad_x, need_grad_w):
     op = "lowrank.monarch_matmul_backward"
     out = _check_meta(op, x, w1, w2)
-    torch._check(grad_out.dtype == x.dtype,
-                 lambda: f"{op}: grad_out must have x's dtype (got x {x.dtype}, grad_out {grad_out.dtype})")
-    check_same_device(op, ("x", x), ("grad_out", grad_out))
-    torch._check(
-        tuple(grad_out.shape) == (*x.shape[:-1], out),
-        lambda: f"{op}: grad_out must have the output's shape (x's leading dims, l·s = {out})",
-    )
+    check_grad_out(op, grad_out, x, out)
     dx = x.new_empty(x.shape) if need_grad_x else x.new_empty((0,))
     dw1 = w1.new_empty(w1.shape) if need_grad_w else w1.new_empty((0,))
     dw2 = w2.new_empty(w2.shape) if need_grad_w else w2.new_empty((0,))

@@ -11,15 +11,14 @@ from __future__ import annotations
 
 import torch
 
-from ._common import check_companion, check_same_device, check_same_dtype, companion_dtype, dtype_str, shape_str
+from ._common import (check_companion, check_dim, check_float, check_same_device, check_same_dtype, companion_dtype,
+                      dtype_str, shape_str)
 
 __all__ = ["galore_project", "adam_lowrank_", "galore_update_", "dct_basis", "basis_scores", "dct_select",
            "adam_lowrank_8bit_", "STATE8_BLOCK"]
 # names in torch.ops.lowrank of this family
 OP_NAMES: list[str] = ["galore_project", "adam_lowrank_", "galore_update_", "dct_basis_", "basis_scores",
                        "adam_lowrank_8bit_"]
-
-_FLOATS = (torch.float32, torch.float16, torch.bfloat16, torch.float64)
 
 
 def galore_project(G: torch.Tensor, P: torch.Tensor, left: bool, want_sqnorms: bool = False):
@@ -110,25 +109,24 @@ def dct_select(G: torch.Tensor, Q: torch.Tensor, rank: int, left: bool) -> torch
 
 
 # ---------------------------------------------------------------------------------------------- fakes
-def _check_float(op: str, t: torch.Tensor, name: str):
-    torch._check(t.dtype in _FLOATS,
-                 lambda: f"{op}: {name} must be float32, float16 or bfloat16 (float64 on CPU), got {t.dtype}")
-
-
 def _proj_dims(op: str, G, g_name: str, P, left: bool):
-    torch._check(G.dim() == 2, lambda: f"{op}: {g_name} must be 2-D (m, n), got a {G.dim()}-D tensor")
-    _check_float(op, G, g_name)
-    torch._check(P.dim() == 2, lambda: f"{op}: P must be 2-D, got a {P.dim()}-D tensor")
+    # projection_dims (csrc/projection/projection_common.h): the same checks in the same order and words
+    check_dim(op, G, g_name, 2, "(m, n)")
+    check_float(op, G, g_name)
+    check_dim(op, P, "P", 2, "(m, r) for a left projection" if left else "(r, n) for a right projection")
     check_companion(op, P, "P", G, g_name)
     check_same_device(op, (g_name, G), ("P", P))
     m, n = G.shape
     if left:
-        torch._check(P.shape[0] == m, lambda: f"{op}: left projection: P must be (m, r) with m = {m}")
+        torch._check(P.shape[0] == m, lambda: f"{op}: P must be (m, r) for a left projection, m = {g_name}.shape[0] = "
+                                              f"{m} (got P of {shape_str(P)})")
         r, dim = P.shape[1], m
     else:
-        torch._check(P.shape[1] == n, lambda: f"{op}: right projection: P must be (r, n) with n = {n}")
+        torch._check(P.shape[1] == n, lambda: f"{op}: P must be (r, n) for a right projection, n = {g_name}.shape[1] = "
+                                              f"{n} (got P of {shape_str(P)})")
         r, dim = P.shape[0], n
-    torch._check(1 <= r and r <= dim, lambda: f"{op}: the rank r = {r} must be in [1, {dim}]")
+    torch._check(1 <= r and r <= dim, lambda: f"{op}: P's rank r (its {'columns' if left else 'rows'}) must be in "
+                                              f"[1, {'m' if left else 'n'} = {dim}] (got r = {r})")
     return m, n, r
 
 
@@ -163,43 +161,57 @@ def _check_moment_shapes(op, exp_avg, exp_avg_sq, R):
 
 @torch.library.register_fake("lowrank::galore_update_")
 def _galore_update_fake(W, M, P, left, decay, G=None, residual_scale=None):
-    op = "lowrank.galore_update_"
+    op = "lowrank.galore_update_"  # the checks of check_update_args
     m, n, r = _proj_dims(op, W, "W", P, left)
     torch._check(W.is_contiguous(), lambda: f"{op}: W must be contiguous (it is updated in place)")
+    check_dim(op, M, "M", 2, "(r, n) for a left projection" if left else "(m, r) for a right projection")
     check_companion(op, M, "M", W, "W")
-    check_same_device(op, ("W", W), ("M", M), ("G", G), ("residual_scale", residual_scale))
+    check_same_device(op, ("W", W), ("M", M))
     want = (r, n) if left else (m, r)
-    torch._check(tuple(M.shape) == want, lambda: f"{op}: M must be {want}, got {tuple(M.shape)}")
+    torch._check(tuple(M.shape) == want, lambda: f"{op}: M must be {want} = {'(r, n)' if left else '(m, r)'} (got "
+                                                 f"{shape_str(M)})")
     torch._check((G is None) == (residual_scale is None),
-                 lambda: f"{op}: G and residual_scale go together: pass both or neither")
+                 lambda: f"{op}: G and residual_scale must be passed together (got only "
+                         f"{'residual_scale' if G is None else 'G'})")
     if G is not None:
-        _check_float(op, G, "G")
-        torch._check(tuple(G.shape) == (m, n), lambda: f"{op}: G must have W's shape ({m}, {n})")
+        check_dim(op, G, "G", 2, "(m, n)")
+        check_float(op, G, "G")
+        check_same_device(op, ("W", W), ("G", G))
+        torch._check(tuple(G.shape) == (m, n), lambda: f"{op}: G must have W's shape {shape_str(W)} (got "
+                                                       f"{shape_str(G)})")
         check_companion(op, residual_scale, "residual_scale", W, "W")
+        check_same_device(op, ("W", W), ("residual_scale", residual_scale))
         length = n if left else m
-        torch._check(tuple(residual_scale.shape) == (length,),
-                     lambda: f"{op}: residual_scale must be 1-D of length {length}")
+        what = f"one factor per {'column' if left else 'row'} of W for a {'left' if left else 'right'} projection"
+        torch._check(residual_scale.dim() == 1 and residual_scale.shape[0] == length,
+                     lambda: f"{op}: residual_scale must be 1-D of length {length}, {what} (got "
+                             f"{shape_str(residual_scale)})")
     return None
 
 
 @torch.library.register_fake("lowrank::dct_basis_")
 def _dct_basis_fake(Q):
-    op = "lowrank.dct_basis_"
-    torch._check(Q.dim() == 2 and Q.shape[0] == Q.shape[1], lambda: f"{op}: Q must be square (n, n)")
-    torch._check(Q.dtype in (torch.float32, torch.float64), lambda: f"{op}: Q must be float32 or float64")
+    op = "lowrank.dct_basis_"  # the checks of check_dct_args
+    check_dim(op, Q, "Q", 2, "(n, n)")
+    torch._check(Q.dtype in (torch.float32, torch.float64),
+                 lambda: f"{op}: Q must be float32 or float64 (got {dtype_str(Q.dtype)})")
+    torch._check(Q.shape[0] == Q.shape[1], lambda: f"{op}: Q must be square (n, n) (got {shape_str(Q)})")
     torch._check(Q.is_contiguous(), lambda: f"{op}: Q must be contiguous (it is filled in place)")
     return None
 
 
 @torch.library.register_fake("lowrank::basis_scores")
 def _basis_scores_fake(G, Q, left):
-    op = "lowrank.basis_scores"
-    torch._check(G.dim() == 2, lambda: f"{op}: G must be 2-D (m, n), got a {G.dim()}-D tensor")
-    _check_float(op, G, "G")
+    op = "lowrank.basis_scores"  # the checks of check_scores_args
+    check_dim(op, G, "G", 2, "(m, n)")
+    check_float(op, G, "G")
+    check_dim(op, Q, "Q", 2, "(m, m) for left" if left else "(n, n) for right")
     check_companion(op, Q, "Q", G, "G")
     check_same_device(op, ("G", G), ("Q", Q))
     k = G.shape[0] if left else G.shape[1]
-    torch._check(Q.dim() == 2 and Q.shape[0] == k and Q.shape[1] == k, lambda: f"{op}: Q must be ({k}, {k})")
+    torch._check(Q.shape[0] == k and Q.shape[1] == k,
+                 lambda: f"{op}: Q must be ({k}, {k}) = {'(m, m) for left' if left else '(n, n) for right'} (got "
+                         f"{shape_str(Q)})")
     return G.new_empty((k,), dtype=companion_dtype(G.dtype))
 
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from ._autograd import refuse_double_backward
-from ._common import check_same_device
+from ._common import check_dim, check_float, check_grad_out, check_same_device, check_same_dtype, dtype_str, shape_str
 
 _FWD = "lowrank::sltrain_linear"
 _BWD = "lowrank::sltrain_linear_backward"
@@ -34,30 +34,33 @@ def sltrain_linear(x: torch.Tensor, A: torch.Tensor, B: torch.Tensor, values: to
 
 
 def _check_meta(op, x, A, B, values, indices, bias):
-    torch._check(x.dim() >= 1, lambda: f"{op}: x must have at least 1 dimension (..., in)")
-    torch._check(A.dim() == 2, lambda: f"{op}: A must be 2-D (r, in), got a {A.dim()}-D tensor")
-    torch._check(B.dim() == 2, lambda: f"{op}: B must be 2-D (out, r), got a {B.dim()}-D tensor")
-    torch._check(values.dim() == 1, lambda: f"{op}: values must be 1-D (nnz,)")
-    torch._check(indices.dim() == 1, lambda: f"{op}: indices must be 1-D (nnz,)")
-    torch._check(
-        x.dtype in (torch.float32, torch.float16, torch.bfloat16, torch.float64),
-        lambda: f"{op}: x must be float32, float16 or bfloat16 (float64 on CPU), got {x.dtype}",
-    )
+    # sltrain_dims (csrc/sltrain/sltrain_common.h): the same checks in the same order and words
+    torch._check(x.dim() >= 1, lambda: f"{op}: x must have at least 1 dimension (..., in) (got a 0-D tensor)")
+    check_dim(op, A, "A", 2, "(r, in)")
+    check_dim(op, B, "B", 2, "(out, r)")
+    check_dim(op, values, "values", 1, "(nnz,)")
+    check_dim(op, indices, "indices", 1, "(nnz,)")
+    check_float(op, x, "x")
     for name, t in (("A", A), ("B", B), ("values", values)):
-        torch._check(t.dtype == x.dtype, lambda: f"{op}: {name} must have x's dtype (got x {x.dtype}, {name} {t.dtype})")
+        check_same_dtype(op, x, "x", t, name)
     torch._check(indices.dtype in (torch.int32, torch.int64),
-                 lambda: f"{op}: indices must be int32 or int64 (got {indices.dtype})")
-    check_same_device(op, ("x", x), ("A", A), ("B", B), ("values", values), ("indices", indices), ("bias", bias))
-    torch._check(A.shape[1] == x.shape[-1],
-                 lambda: f"{op}: A must be (r, in) with in = x's last dimension (got A of {tuple(A.shape)})")
-    torch._check(B.shape[1] == A.shape[0],
-                 lambda: f"{op}: B must be (out, r) with r = A.shape[0] (got B of {tuple(B.shape)})")
-    torch._check(values.shape[0] == indices.shape[0],
-                 lambda: f"{op}: indices must have values' length (got {indices.shape[0]} and {values.shape[0]})")
+                 lambda: f"{op}: indices must be int32 or int64 (got {dtype_str(indices.dtype)})")
+    check_same_device(op, ("x", x), ("A", A), ("B", B), ("values", values), ("indices", indices))
+    inn, r, out, nnz = x.shape[-1], A.shape[0], B.shape[0], values.shape[0]
+    torch._check(A.shape[1] == inn,
+                 lambda: f"{op}: A must be (r, in) with in = x's last dimension, {inn} (got A of {shape_str(A)})")
+    torch._check(B.shape[1] == r,
+                 lambda: f"{op}: B must be (out, r) with r = A.shape[0], {r} (got B of {shape_str(B)})")
+    torch._check(r > 0 and inn > 0 and out > 0, lambda: f"{op}: A and B must have no zero-sized dimension (got A of "
+                                                         f"{shape_str(A)}, B of {shape_str(B)})")
+    torch._check(indices.shape[0] == nnz,
+                 lambda: f"{op}: indices must have values' length, {nnz} (got {indices.shape[0]})")
     if bias is not None:
-        torch._check(bias.shape == (B.shape[0],), lambda: f"{op}: bias must be (out,) (got {tuple(bias.shape)})")
-        torch._check(bias.dtype == x.dtype, lambda: f"{op}: bias must have x's dtype (got {bias.dtype})")
-    return B.shape[0]
+        check_same_dtype(op, x, "x", bias, "bias")
+        check_same_device(op, ("x", x), ("bias", bias))
+        torch._check(bias.dim() == 1 and bias.shape[0] == out,
+                     lambda: f"{op}: bias must be (out,) = ({out},) (got {shape_str(bias)})")
+    return out
 
 
 @torch.library.register_fake(_FWD)
@@ -71,11 +74,7 @@ def _sltrain_linear_backward_fake(grad_out, x, A, B, values, indices, scale, has
                                   need_grad_lowrank, need_grad_values):
     op = "lowrank.sltrain_linear_backward"
     out = _check_meta(op, x, A, B, values, indices, None)
-    torch._check(tuple(grad_out.shape) == (*x.shape[:-1], out),
-                 lambda: f"{op}: grad_out must have the output's shape (got {tuple(grad_out.shape)})")
-    torch._check(grad_out.dtype == x.dtype,
-                 lambda: f"{op}: grad_out must have x's dtype (got x {x.dtype}, grad_out {grad_out.dtype})")
-    check_same_device(op, ("x", x), ("grad_out", grad_out))
+    check_grad_out(op, grad_out, x, out)
     empty = lambda t: t.new_empty((0,))  # noqa: E731
     return (
         x.new_empty(x.shape) if need_grad_x else empty(x),
