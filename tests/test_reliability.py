@@ -288,3 +288,33 @@ def test_cuda_refuses_rows_past_2_to_31_before_copying():
     G = torch.zeros(1, 8, device="cuda").expand(2 ** 31, 8)
     with pytest.raises(RuntimeError, match=r"lowrank.galore_project: .*(below 2\^31|at most 65535)"):
         OPS.galore_project(G, torch.randn(2, 8, device="cuda"), False, False)
+
+
+def _backward_bad_cases():
+    x, w1, w2 = torch.randn(2, 8), torch.randn(2, 4, 4), torch.randn(2, 4, 4)
+    _, mid = OPS.monarch_matmul_forward_saving(x, w1, w2)
+    g = torch.randn(2, 8)
+    sl = _sltrain_args()
+    g_sl = torch.randn(3, 5)
+    mon = lambda *a: OPS.monarch_matmul_backward(*a, True, True)  # noqa: E731
+    saved = lambda *a: OPS.monarch_matmul_backward_saved(*a, True, True)  # noqa: E731
+    slb = lambda *a: OPS.sltrain_linear_backward(*a, 0.5, False, True, True, True)  # noqa: E731
+    return {
+        "monarch_grad_out_shape": (mon, [g[:, :3], x, w1, w2]),
+        "monarch_grad_out_dtype": (mon, [g.double(), x, w1, w2]),
+        "saved_mid_shape": (saved, [g, x, w1, w2, mid[:, :5]]),
+        "saved_mid_dtype": (saved, [g, x, w1, w2, mid.double()]),
+        "sltrain_grad_out_shape": (slb, [g_sl[:, :4]] + sl),
+        "sltrain_grad_out_dtype": (slb, [g_sl.half()] + sl),
+    }
+
+
+@pytest.mark.parametrize("case", list(_backward_bad_cases()))
+def test_backward_fakes_word_errors_as_the_kernels(case):
+    """The backward ops' fakes (what torch.compile traces) raise the CPU kernel's message, word for word."""
+    call, args = _backward_bad_cases()[case]
+    with pytest.raises(RuntimeError) as real:
+        call(*args)
+    with pytest.raises(RuntimeError) as fake:
+        call(*[a.to("meta") for a in args])
+    assert str(real.value).startswith("lowrank.") and str(fake.value) == str(real.value)

@@ -260,8 +260,8 @@ Tensor monarch_matmul_cpu(Tensor x, Tensor w1, Tensor w2) {
 // monarch_matmul's output and the middle activation y (x's leading dims, k·q) in the accumulation dtype.
 std::tuple<Tensor, Tensor> monarch_matmul_forward_saving_cpu(Tensor x, Tensor w1, Tensor w2) {
   const MonarchDims d = monarch_dims(kFwdSave, x, w1, w2);
-  LOWRANK_CHECK(x.is_cpu(), kFwdSave, ": only the CPU keeps the middle activation; got a tensor on ",
-                device_name(x), " (use monarch_matmul, whose backward recomputes it)");
+  LOWRANK_CHECK(x.is_cpu(), kFwdSave, ": x must be a CPU tensor, only the CPU keeps the middle activation (got x on ",
+                device_name(x), "; use monarch_matmul, whose backward recomputes it)");
   x = lowrank::contiguous(x, "x");
   w1 = lowrank::contiguous(w1, "w1");
   w2 = lowrank::contiguous(w2, "w2");
@@ -286,9 +286,10 @@ std::tuple<Tensor, Tensor, Tensor> backward_impl(const char* op, Tensor grad_out
   Tensor mid_c;
   if (mid != nullptr) {
     check_companion_dtype(op, *mid, "mid", x, "x");
-    check_same_device(op, *mid, "mid", x, "x");
-    LOWRANK_CHECK(has_shape_like(*mid, x, d.mid), op, ": mid must have shape (x's leading dims, k·q = ", d.mid,
-                  "), the middle activation monarch_matmul_forward_saving returned");
+    check_same_device(op, x, "x", *mid, "mid");
+    LOWRANK_CHECK(has_shape_like(*mid, x, d.mid), op, ": mid must have shape ", shape_str(out_shape_like(x, d.mid)),
+                  " (x's leading dims, k·q), the middle activation monarch_matmul_forward_saving returned (got ",
+                  shape_str(*mid), ")");
     mid_c = lowrank::contiguous(*mid, "mid");
   }
   LOWRANK_CHECK(x.is_cpu(), op, ": the CPU kernel got a tensor on ", device_name(x));

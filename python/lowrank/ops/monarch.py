@@ -107,8 +107,7 @@ def _monarch_matmul_fake(x, w1, w2):
 
 
 @torch.library.register_fake(_BWD)
-def _monarch_matmul_backward_fake(grad_out, x, w1, w2, need_grad_x, need_grad_w):
-    op = "lowrank.monarch_matmul_backward"
+def _monarch_matmul_backward_fake(grad_out, x, w1, w2, need_grad_x, need_grad_w, op="lowrank.monarch_matmul_backward"):
     out = _check_meta(op, x, w1, w2)
     check_grad_out(op, grad_out, x, out)
     dx = x.new_empty(x.shape) if need_grad_x else x.new_empty((0,))
@@ -121,7 +120,9 @@ def _monarch_matmul_backward_fake(grad_out, x, w1, w2, need_grad_x, need_grad_w)
 def _monarch_matmul_forward_saving_fake(x, w1, w2):
     op = "lowrank.monarch_matmul_forward_saving"
     out = _check_meta(op, x, w1, w2)
-    torch._check(x.device.type in ("cpu", "meta"), lambda: f"{op}: CPU only, got a tensor on {x.device.type}")
+    torch._check(x.device.type in ("cpu", "meta"),
+                 lambda: f"{op}: x must be a CPU tensor, only the CPU keeps the middle activation (got x on "
+                         f"{x.device}; use monarch_matmul, whose backward recomputes it)")
     mid = w1.shape[0] * w1.shape[1]
     return x.new_empty((*x.shape[:-1], out)), x.new_empty((*x.shape[:-1], mid), dtype=companion_dtype(x.dtype))
 
@@ -129,13 +130,14 @@ def _monarch_matmul_forward_saving_fake(x, w1, w2):
 @torch.library.register_fake(_BWD_SAVED)
 def _monarch_matmul_backward_saved_fake(grad_out, x, w1, w2, mid, need_grad_x, need_grad_w):
     op = "lowrank.monarch_matmul_backward_saved"
+    grads = _monarch_matmul_backward_fake(grad_out, x, w1, w2, need_grad_x, need_grad_w, op)
     check_companion(op, mid, "mid", x, "x")
-    torch._check(
-        tuple(mid.shape) == (*x.shape[:-1], w1.shape[0] * w1.shape[1]),
-        lambda: f"{op}: mid must have shape (x's leading dims, k·q), the middle activation of the forward",
-    )
     check_same_device(op, ("x", x), ("mid", mid))
-    return _monarch_matmul_backward_fake(grad_out, x, w1, w2, need_grad_x, need_grad_w)
+    want = (*x.shape[:-1], w1.shape[0] * w1.shape[1])
+    torch._check(tuple(mid.shape) == want,
+                 lambda: f"{op}: mid must have shape {want} (x's leading dims, k·q), the middle activation "
+                         f"monarch_matmul_forward_saving returned (got {shape_str(mid)})")
+    return grads
 
 
 def _setup_context(ctx, inputs, output):
