@@ -107,7 +107,11 @@ def _monarch_matmul_fake(x, w1, w2):
 
 
 @torch.library.register_fake(_BWD)
-def _monarch_matmul_backward_fake(grad_out, x, w1, w2, need_grad_x, need_grad_w, op="lowrank.monarch_matmul_backward"):
+def _monarch_matmul_backward_fake(grad_out, x, w1, w2, need_grad_x, need_grad_w):
+    return _backward_fake("lowrank.monarch_matmul_backward", grad_out, x, w1, w2, need_grad_x, need_grad_w)
+
+
+def _backward_fake(op, grad_out, x, w1, w2, need_grad_x, need_grad_w):
     out = _check_meta(op, x, w1, w2)
     check_grad_out(op, grad_out, x, out)
     dx = x.new_empty(x.shape) if need_grad_x else x.new_empty((0,))
@@ -130,7 +134,7 @@ def _monarch_matmul_forward_saving_fake(x, w1, w2):
 @torch.library.register_fake(_BWD_SAVED)
 def _monarch_matmul_backward_saved_fake(grad_out, x, w1, w2, mid, need_grad_x, need_grad_w):
     op = "lowrank.monarch_matmul_backward_saved"
-    grads = _monarch_matmul_backward_fake(grad_out, x, w1, w2, need_grad_x, need_grad_w, op)
+    grads = _backward_fake(op, grad_out, x, w1, w2, need_grad_x, need_grad_w)
     check_companion(op, mid, "mid", x, "x")
     check_same_device(op, ("x", x), ("mid", mid))
     want = (*x.shape[:-1], w1.shape[0] * w1.shape[1])

@@ -67,6 +67,7 @@ def __getattr__(name: str):
         return getattr(per_layer, name)
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
+
 PROJ_TYPES = ("std", "reverse_std", "right", "left")  # galore-torch's 'full' (two-sided) is refused
 BASES = ("svd", "dct", "randomized")
 GALORE_GROUP_DEFAULTS = {"update_proj_gap": 200, "scale": 1.0, "proj_type": "std", "fira": False, "basis": "svd",
