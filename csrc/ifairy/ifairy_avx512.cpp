@@ -75,66 +75,81 @@ inline __m128i tail_sums(const Int8Problem& p, const Tables& k, const uint8_t* r
                  _mm512_dpbusd_epi32(z, wb, xr));
 }
 
-// One token, R rows starting at r (the decode case): full steps in a plain loop (with the masked tail step in
-// the same loop GCC kept part of the accumulators on the stack: 9.5 -> 11.3 GB/s at 2048² measured), the last
-// nbytes % 16 bytes added by tail_sums.
-template <int R, int NT>
-inline void one_token_rows(const Int8Problem& p, const Tables& k, int64_t r, int64_t t0) {
-  __m512i acc[R][NT][4];
-  for (int i = 0; i < R; ++i)
-    for (int t = 0; t < NT; ++t)
-      for (int s = 0; s < 4; ++s) acc[i][t][s] = _mm512_setzero_si512();
-  const uint8_t* row[R];
-  for (int i = 0; i < R; ++i) row[i] = p.packed + (r + i) * p.nbytes;
-  const int8_t* qr[NT];
-  for (int t = 0; t < NT; ++t) qr[t] = p.q + (t0 + t) * 2 * p.in_pad;
-  // Full 16-byte steps only, a plain loop: with a masked tail step in the same function GCC kept part of the
-  // accumulators on the stack. The last nbytes % 16 bytes are added by tail_sums below.
+// acc += the 4-byte dot products of u8 w and s8 x, in place. Inline asm instead of _mm512_dpbusd_epi32 because
+// GCC 12 does not tie the intrinsic's accumulator to its output: with sixteen accumulators it copied each one
+// to a fresh register every step and spilled half of them to the stack (1 KB of stores and reloads per step).
+__attribute__((always_inline)) inline void dpbusd(__m512i& acc, __m512i w, __m512i x) {
+  asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(x));
+}
+
+// One row's step of the one-token loop: its 16 bytes decoded, four vpdpbusd into its four accumulators.
+__attribute__((always_inline)) inline void one_token_step(const Tables& k, const uint8_t* bytes16, __m512i xr,
+                                                          __m512i xi, __m512i& a, __m512i& b, __m512i& c,
+                                                          __m512i& d) {
+  const __m512i idx = _mm512_multishift_epi64_epi8(k.ctrl, _mm512_broadcast_i32x4(
+                                                               _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes16))));
+  const __m512i wa = _mm512_permutexvar_epi8(idx, k.ta);
+  const __m512i wb = _mm512_permutexvar_epi8(idx, k.tb);
+  dpbusd(a, wa, xr);
+  dpbusd(b, wb, xi);
+  dpbusd(c, wa, xi);
+  dpbusd(d, wb, xr);
+}
+
+// The row's [A, B, C, D] from its accumulated A', B', C', D': the last nbytes % 16 bytes added by tail_sums,
+// minus Σq_r, Σq_i, Σq_i, Σq_r. The lanes may wrap (see the top), the exact result does not.
+inline void store_one_token(const Int8Problem& p, const Tables& k, int64_t r, int64_t t, int64_t full, __m512i a,
+                            __m512i b, __m512i c, __m512i d) {
+  const uint8_t* row = p.packed + r * p.nbytes;
+  const int8_t* q = p.q + t * 2 * p.in_pad;
+  const int32_t sr = p.qsum[2 * t], si = p.qsum[2 * t + 1];
+  __m128i total = reduce4(a, b, c, d);
+  if (full * 16 < p.nbytes) total = _mm_add_epi32(total, tail_sums(p, k, row, full, q));
+  _mm_storeu_si128(reinterpret_cast<__m128i*>(p.sums + (t * p.out + r) * 4),
+                   _mm_sub_epi32(total, _mm_setr_epi32(sr, si, si, sr)));
+}
+
+// One token, four rows starting at r (the decode case): full 16-byte steps in a plain loop, the masked tail
+// step added by store_one_token.
+inline void one_token_4rows(const Int8Problem& p, const Tables& k, int64_t r, int64_t t) {
+  const __m512i z = _mm512_setzero_si512();
+  __m512i a0 = z, b0 = z, c0 = z, d0 = z, a1 = z, b1 = z, c1 = z, d1 = z;
+  __m512i a2 = z, b2 = z, c2 = z, d2 = z, a3 = z, b3 = z, c3 = z, d3 = z;
+  const uint8_t* row0 = p.packed + r * p.nbytes;
+  const uint8_t* row1 = row0 + p.nbytes;
+  const uint8_t* row2 = row1 + p.nbytes;
+  const uint8_t* row3 = row2 + p.nbytes;
+  const int8_t* qr = p.q + t * 2 * p.in_pad;
+  const int8_t* qi = qr + p.in_pad;
   const int64_t full = p.nbytes / 16;
   for (int64_t s = 0; s < full; ++s) {
-    __m512i xr[NT], xi[NT];
-    if constexpr (R > 1)  // shared by the rows; with one row, loaded where used (fewer live registers)
-      for (int t = 0; t < NT; ++t) {
-        xr[t] = _mm512_loadu_si512(qr[t] + 64 * s);
-        xi[t] = _mm512_loadu_si512(qr[t] + p.in_pad + 64 * s);
-      }
-    for (int i = 0; i < R; ++i) {
-      const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(row[i] + 16 * s));
-      const __m512i idx = _mm512_multishift_epi64_epi8(k.ctrl, _mm512_broadcast_i32x4(bytes));
-      const __m512i wa = _mm512_permutexvar_epi8(idx, k.ta);
-      const __m512i wb = _mm512_permutexvar_epi8(idx, k.tb);
-      for (int t = 0; t < NT; ++t) {
-        if constexpr (R == 1) {
-          xr[t] = _mm512_loadu_si512(qr[t] + 64 * s);
-          xi[t] = _mm512_loadu_si512(qr[t] + p.in_pad + 64 * s);
-        }
-        acc[i][t][0] = _mm512_dpbusd_epi32(acc[i][t][0], wa, xr[t]);
-        acc[i][t][1] = _mm512_dpbusd_epi32(acc[i][t][1], wb, xi[t]);
-        acc[i][t][2] = _mm512_dpbusd_epi32(acc[i][t][2], wa, xi[t]);
-        acc[i][t][3] = _mm512_dpbusd_epi32(acc[i][t][3], wb, xr[t]);
-      }
-    }
+    const __m512i xr = _mm512_loadu_si512(qr + 64 * s), xi = _mm512_loadu_si512(qi + 64 * s);
+    one_token_step(k, row0 + 16 * s, xr, xi, a0, b0, c0, d0);
+    one_token_step(k, row1 + 16 * s, xr, xi, a1, b1, c1, d1);
+    one_token_step(k, row2 + 16 * s, xr, xi, a2, b2, c2, d2);
+    one_token_step(k, row3 + 16 * s, xr, xi, a3, b3, c3, d3);
   }
-  for (int i = 0; i < R; ++i)
-    for (int t = 0; t < NT; ++t) {
-      const int32_t sr = p.qsum[2 * (t0 + t)], si = p.qsum[2 * (t0 + t) + 1];
-      // A', B', C', D' minus Σq_r, Σq_i, Σq_i, Σq_r; the lanes may wrap (see the top), the exact result does not.
-      // The joint reduction pays at one token (measured 7 % at 2048²) and, oddly, loses as much at 2-16.
-      __m128i total;
-      if constexpr (NT == 1) {
-        total = reduce4(acc[i][t][0], acc[i][t][1], acc[i][t][2], acc[i][t][3]);
-      } else {
-        total = _mm_setr_epi32(_mm512_reduce_add_epi32(acc[i][t][0]), _mm512_reduce_add_epi32(acc[i][t][1]),
-                               _mm512_reduce_add_epi32(acc[i][t][2]), _mm512_reduce_add_epi32(acc[i][t][3]));
-      }
-      if (full * 16 < p.nbytes) total = _mm_add_epi32(total, tail_sums(p, k, row[i], full, qr[t]));
-      _mm_storeu_si128(reinterpret_cast<__m128i*>(p.sums + ((t0 + t) * p.out + r + i) * 4),
-                       _mm_sub_epi32(total, _mm_setr_epi32(sr, si, si, sr)));
-    }
+  store_one_token(p, k, r, t, full, a0, b0, c0, d0);
+  store_one_token(p, k, r + 1, t, full, a1, b1, c1, d1);
+  store_one_token(p, k, r + 2, t, full, a2, b2, c2, d2);
+  store_one_token(p, k, r + 3, t, full, a3, b3, c3, d3);
+}
+
+// One token, one row (the rows left over by one_token_4rows).
+inline void one_token_1row(const Int8Problem& p, const Tables& k, int64_t r, int64_t t) {
+  const __m512i z = _mm512_setzero_si512();
+  __m512i a = z, b = z, c = z, d = z;
+  const uint8_t* row = p.packed + r * p.nbytes;
+  const int8_t* qr = p.q + t * 2 * p.in_pad;
+  const int8_t* qi = qr + p.in_pad;
+  const int64_t full = p.nbytes / 16;
+  for (int64_t s = 0; s < full; ++s)
+    one_token_step(k, row + 16 * s, _mm512_loadu_si512(qr + 64 * s), _mm512_loadu_si512(qi + 64 * s), a, b, c, d);
+  store_one_token(p, k, r, t, full, a, b, c, d);
 }
 
 // Groups of NT >= 2 tokens (one row, NT = 4 or 3; two rows, NT = 2): the masked tail step stays in the loop.
-// Measured faster at 2-128 tokens than the split loop of one_token_rows (GCC allocates the two differently).
+// Measured faster at 2-128 tokens than the split loop of one_token_4rows (GCC allocates the two differently).
 template <int R, int NT>
 inline void rows_tokens(const Int8Problem& p, const Tables& k, int64_t r, int64_t t0) {
   const int64_t steps = p.in_pad / 64;
@@ -181,8 +196,8 @@ template <int R, int NT>
 inline void rows_of_block(const Int8Problem& p, const Tables& k, int64_t rb, int64_t re, int64_t t0) {
   int64_t r = rb;
   if constexpr (NT == 1) {
-    for (; r + R <= re; r += R) one_token_rows<R, 1>(p, k, r, t0);
-    for (; r < re; ++r) one_token_rows<1, 1>(p, k, r, t0);
+    for (; r + 4 <= re; r += 4) one_token_4rows(p, k, r, t0);
+    for (; r < re; ++r) one_token_1row(p, k, r, t0);
   } else {
     for (; r + R <= re; r += R) rows_tokens<R, NT>(p, k, r, t0);
     for (; r < re; ++r) rows_tokens<1, NT>(p, k, r, t0);
