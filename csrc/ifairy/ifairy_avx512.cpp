@@ -3,12 +3,15 @@
 //
 // Why it is faster than the AVX2 kernel: the weights are turned into u8 multipliers once per 64 weights and
 // then every (token, sum) costs one vpdpbusd, which multiplies and sums 64 byte pairs into 16 int32 lanes.
-//   Decode, 16 packed bytes = 64 weights: a broadcast load puts the 16 bytes in every 128-bit lane, so each
-//   qword holds 32 codes; vpmultishiftqb moves code bits 2·k of its qword to the bottom of byte lane k (the
-//   lane -> element order this gives is undone by laying the activations out in the same order, once per
-//   call: avx512_elem); vpermb with a 64-entry table that repeats every 4 entries maps the code (the bits
-//   above it are ignored by the period) to wA+1 or wB+1, where wA = ±1 on the real axis and 0 on the
+//   Decode, 16 packed bytes = 64 weights: a broadcast load puts the 16 bytes in every 128-bit lane L, and
+//   vpsrlvq shifts lane L's qwords right by 2·L bits, so byte k of lane L holds code L of packed byte k in its
+//   low bits (the lane -> element order this gives is undone by laying the activations out in the same order,
+//   once per call: avx512_elem); vpermb with a 64-entry table that repeats every 4 entries maps the code (the
+//   bits above it are ignored by the period) to wA+1 or wB+1, where wA = ±1 on the real axis and 0 on the
 //   imaginary one, wB the reverse. The +1 makes them unsigned, as vpdpbusd wants.
+//   Why a shift and not vpmultishiftqb (the first version): vpermb and vpmultishiftqb both run on port 5
+//   only, vpdpbusd on ports 0 and 5, vpsrlvq on port 0; with the shift a 16-byte step is 2 port-5 + 1 port-0
+//   + 4 either-port instructions, which the scheduler balances better than 3 + 0 + 4.
 //   Sums: A' = Σ (wA+1)·q_r = A + Σ q_r, and likewise B', C', D'; Σ q_r and Σ q_i are per token (qsum), so
 //   A = A' − Σ q_r exactly. int32 lanes cannot lose the result: |A'| <= 254·in, and the op refuses in beyond
 //   kMaxInt8In, where even wrapped partial sums (two's complement) come back to the exact A.
@@ -25,12 +28,8 @@ namespace {
 
 constexpr int64_t kRowBlock = 8;
 
-// vpmultishiftqb control: byte lane l takes the 8 bits at offset 16·(l/16) + 2·(l%8) of its qword.
-inline __m512i shift_control() {
-  alignas(64) uint8_t c[64];
-  for (int l = 0; l < 64; ++l) c[l] = static_cast<uint8_t>(16 * (l / 16) + 2 * (l % 8));
-  return _mm512_load_si512(c);
-}
+// vpsrlvq counts: the qwords of 128-bit lane L shift right by 2·L bits.
+inline __m512i shift_counts() { return _mm512_setr_epi64(0, 0, 2, 2, 4, 4, 6, 6); }
 
 // Code tables (64 entries, period 4): code 0 = -1, 1 = +1, 2 = -i, 3 = +i.
 inline __m512i table(uint8_t c0, uint8_t c1, uint8_t c2, uint8_t c3) {
@@ -38,7 +37,7 @@ inline __m512i table(uint8_t c0, uint8_t c1, uint8_t c2, uint8_t c3) {
 }
 
 struct Tables {
-  __m512i ctrl = shift_control();
+  __m512i shifts = shift_counts();
   __m512i ta = table(0, 2, 1, 1);  // wA + 1
   __m512i tb = table(1, 1, 0, 2);  // wB + 1
 };
@@ -67,7 +66,7 @@ inline __m128i reduce4(__m512i a, __m512i b, __m512i c, __m512i d) {
 // q_i at in_pad): one masked step with its own accumulators, so the main loop stays free of masks and branches.
 inline __m128i tail_sums(const Int8Problem& p, const Tables& k, const uint8_t* row, int64_t full, const int8_t* q) {
   const __m128i bytes = _mm_maskz_loadu_epi8(live16(p.nbytes - 16 * full), row + 16 * full);
-  const __m512i idx = _mm512_multishift_epi64_epi8(k.ctrl, _mm512_broadcast_i32x4(bytes));
+  const __m512i idx = _mm512_srlv_epi64(_mm512_broadcast_i32x4(bytes), k.shifts);
   const __m512i wa = _mm512_permutexvar_epi8(idx, k.ta), wb = _mm512_permutexvar_epi8(idx, k.tb);
   const __m512i xr = _mm512_loadu_si512(q + 64 * full), xi = _mm512_loadu_si512(q + p.in_pad + 64 * full);
   const __m512i z = _mm512_setzero_si512();
@@ -86,8 +85,8 @@ __attribute__((always_inline)) inline void dpbusd(__m512i& acc, __m512i w, __m51
 __attribute__((always_inline)) inline void one_token_step(const Tables& k, const uint8_t* bytes16, __m512i xr,
                                                           __m512i xi, __m512i& a, __m512i& b, __m512i& c,
                                                           __m512i& d) {
-  const __m512i idx = _mm512_multishift_epi64_epi8(k.ctrl, _mm512_broadcast_i32x4(
-                                                               _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes16))));
+  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes16));
+  const __m512i idx = _mm512_srlv_epi64(_mm512_broadcast_i32x4(bytes), k.shifts);
   const __m512i wa = _mm512_permutexvar_epi8(idx, k.ta);
   const __m512i wb = _mm512_permutexvar_epi8(idx, k.tb);
   dpbusd(a, wa, xr);
@@ -169,7 +168,7 @@ inline void rows_tokens(const Int8Problem& p, const Tables& k, int64_t r, int64_
       xi[t] = _mm512_loadu_si512(qr[t] + p.in_pad + 64 * s);
     }
     for (int i = 0; i < R; ++i) {
-      const __m512i idx = _mm512_multishift_epi64_epi8(k.ctrl, load16(row[i] + 16 * s, left));
+      const __m512i idx = _mm512_srlv_epi64(load16(row[i] + 16 * s, left), k.shifts);
       const __m512i wa = _mm512_permutexvar_epi8(idx, k.ta);
       const __m512i wb = _mm512_permutexvar_epi8(idx, k.tb);
       for (int t = 0; t < NT; ++t) {
