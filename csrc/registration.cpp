@@ -40,7 +40,7 @@ STABLE_TORCH_LIBRARY(lowrank, m) {
   m.def(
       "ifairy_linear(Tensor x_real, Tensor x_imag, Tensor packed, Tensor scales, bool act_quant=True, "
       "int? in_features=None) -> (Tensor y_real, Tensor y_imag)");
-  // Several linears on one x (q/k/v, gate/up) in one call, the activations quantized once:
+  // Several linears on one x (q/k/v, gate/up) in one call (on the CPU the activations are quantized once):
   // returns [y_real_0, y_imag_0, y_real_1, y_imag_1, ...].
   m.def(
       "ifairy_linear_multi(Tensor x_real, Tensor x_imag, Tensor[] packed, Tensor[] scales, bool act_quant=True, "

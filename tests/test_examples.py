@@ -54,13 +54,17 @@ def test_single_process_against_dense(example, layer, optim, extra, tmp_path, ca
     assert ours["memory_bytes"]["optimizer"] < 0.8 * adamw_state
 
 
-@pytest.mark.parametrize("parallel,layer,optim", [("fsdp", "sltrain", "adamw"), ("ddp", "monarch", "adamw")])
+@pytest.mark.parametrize("parallel,layer,optim", [("fsdp", "sltrain", "adamw"), ("ddp", "monarch", "adamw"),
+                                                   ("fsdp", "dense", "galore")])
 def test_torchrun_matches_single_process(example, parallel, layer, optim, tmp_path):
     args = [*TINY, "--layer", layer, "--optim", optim, "--no-baseline"]
     single = example.main(args)[0]["losses"]
     out = tmp_path / "r.json"
+    import lowrank  # the processes import the lowrank this test runs (installed, or a tree on PYTHONPATH)
+
+    here = str(Path(lowrank.__file__).resolve().parents[1])
     env = {**os.environ, "OMP_NUM_THREADS": "1",
-           "PYTHONPATH": os.pathsep.join([str(ROOT / "python"), os.environ.get("PYTHONPATH", "")])}
+           "PYTHONPATH": os.pathsep.join([here, os.environ.get("PYTHONPATH", "")])}
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2", str(SCRIPT),
            *args, "--parallel", parallel, "--json", str(out)]
     proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=240)

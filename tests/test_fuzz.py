@@ -8,7 +8,7 @@ two-core development machine, a few seconds per test). Long runs:
 ``LOWRANK_FUZZ_EXAMPLES=2000 LOWRANK_FUZZ_RANDOM=1 pytest tests/test_fuzz.py`` (random seeds instead of
 hypothesis' derandomized ones). Tests are parametrized by device, so the CUDA half runs with
 ``pytest -m cuda`` (bench/gpu_check.sh) when a GPU is there. iFairy is checked on finite inputs only; its
-non-finite rule is tested in test_ifairy.py."""
+non-finite rule is tested in test_ifairy_decode.py."""
 from __future__ import annotations
 
 import contextlib
@@ -208,6 +208,18 @@ def test_projection_ops_match_reference(device, data):
     close("adam_lowrank_ N", N, N64, comp)
     close("adam_lowrank_ exp_avg", mom, m64, comp)
 
+    if comp == torch.float32:  # 8-bit moments: float32 state only; codes and absmax must equal the reference's
+        state = [torch.zeros(R.shape, dtype=torch.int8, device=device), None,
+                 torch.zeros(R.shape, dtype=torch.uint8, device=device), None]
+        blocks = (R.numel() + 255) // 256
+        state[1], state[3] = (torch.zeros(blocks, device=device) for _ in range(2))
+        ref_state = [t.cpu().clone() for t in state]
+        for _ in range(2):  # the second step decodes what the first encoded
+            N8 = lowrank.adam_lowrank_8bit_(*state, R_in, 0.9, 0.99, 1e-3)
+            N8_ref = ref.adam_lowrank_8bit_reference(*ref_state, R_in.cpu(), 0.9, 0.99, 1e-3)
+            close("adam_lowrank_8bit_ N", N8, N8_ref, comp)
+            assert all(torch.equal(a.cpu(), b) for a, b in zip(state, ref_state))
+
 
 # ---------------------------------------------------------------------------------------------------- iFairy
 @pytest.mark.parametrize("device", devices)
@@ -242,6 +254,13 @@ def test_ifairy_ops_match_reference_on_finite_input(device, data):
     layer = lowrank.nn.IFairyLinear.from_float(wr, wi, act_quant=act_quant)
     mr, mi = layer(xr, xi)
     assert torch.equal(mr, yr) and torch.equal(mi, yi)
+    # several linears on the same x in one call equal separate calls exactly (outputs may differ in size)
+    n_out2 = d(st.integers(1, 20))
+    packed2, scales2 = lowrank.ifairy_quantize(randn(g, n_out2, n_in, device=device), randn(g, n_out2, n_in, device=device))
+    multi = lowrank.ifairy_linear_multi(xr, xi, [packed, packed2], [scales, scales2], act_quant, n_in)
+    single2 = lowrank.ifairy_linear(xr, xi, packed2, scales2, act_quant)
+    assert torch.equal(multi[0][0], yr) and torch.equal(multi[0][1], yi)
+    assert torch.equal(multi[1][0], single2[0]) and torch.equal(multi[1][1], single2[1])
 
 
 # --------------------------------------------------------------------------------------------------- modules

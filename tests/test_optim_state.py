@@ -197,6 +197,27 @@ def test_8bit_state_layout_and_round_trip():
     assert all(torch.equal(a, b) for a, b in zip(params, params2))
 
 
+def test_checkpoint_without_new_group_keys_resumes_with_their_defaults():
+    # a checkpoint written before `moments` / `state_bits` existed: torch's loader takes its groups as they are
+    init, grads = problem(5)
+    params, opt = run_opt(init, grads[:2])
+    sd = opt.state_dict()
+    for g in sd["param_groups"]:
+        g.pop("moments", None)
+        g.pop("state_bits", None)
+    params2 = [nn.Parameter(p.detach().clone()) for p in params]
+    opt2 = GaLoreAdamW([{"params": params2, "rank": RANK, "update_proj_gap": 2, "scale": ALPHA}, {"params": []}],
+                       lr=LR, weight_decay=WD)
+    opt2.load_state_dict(sd)
+    assert opt2.param_groups[0]["moments"] == "keep" and opt2.param_groups[0]["state_bits"] == 32
+    for gs in grads[2:]:
+        for ps, o in ((params, opt), (params2, opt2)):
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+            o.step()
+    assert all(torch.equal(a, b) for a, b in zip(params, params2))
+
+
 @pytest.mark.parametrize("opts", [{}, {"fira": True, "moments": "reproject"}, {"basis": "dct", "moments": "reproject"}],
                          ids=["galore", "fira_reproject", "dct_reproject"])
 @pytest.mark.parametrize("device", devices)

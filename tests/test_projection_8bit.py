@@ -152,8 +152,30 @@ def test_8bit_bad_input_raises(case, device):
 
 def test_8bit_rejects_aliased_absmax():
     s = zero_state((10, 30), "cpu")
-    with pytest.raises(RuntimeError, match="three different tensors"):
+    with pytest.raises(RuntimeError, match="exp_avg_sq_absmax must not share memory with exp_avg_absmax"):
         lowrank.adam_lowrank_8bit_(s[0], s[1], s[2], s[1], torch.randn(10, 30), 0.9, 0.99, 1e-8)
+
+
+def test_8bit_rejects_overlapping_views():
+    # R and an absmax vector carved from one buffer: not the same tensor, but the kernel would race on it
+    s = zero_state((16, 16), "cpu")
+    buf = torch.randn(300)
+    with pytest.raises(RuntimeError, match="R must not share memory with exp_avg_absmax"):
+        lowrank.adam_lowrank_8bit_(s[0], buf[1:2], s[2], s[3], buf[:256].view(16, 16), 0.9, 0.99, 1e-8)
+    codes = torch.zeros(2 * 256, dtype=torch.int8)
+    with pytest.raises(RuntimeError, match="must not share memory"):
+        lowrank.adam_lowrank_8bit_(codes[:256].view(16, 16), s[1], codes[100:356].view(torch.uint8).view(16, 16),
+                                   s[3], torch.randn(16, 16), 0.9, 0.99, 1e-8)
+
+
+@pytest.mark.parametrize("arg", range(5))
+def test_8bit_refuses_an_argument_on_another_device(arg):
+    # meta next to CPU tensors must raise, not return uninitialized memory (the fake's device check)
+    args = [*zero_state((10, 30), "cpu"), torch.randn(10, 30)]
+    args[arg] = args[arg].to("meta")
+    with pytest.raises(RuntimeError, match="lowrank.adam_lowrank_8bit_: .* must be on R's device|"
+                                           "lowrank.adam_lowrank_8bit_: R must be on"):
+        lowrank.adam_lowrank_8bit_(*args, 0.9, 0.99, 1e-8)
 
 
 @pytest.mark.parametrize("device", devices)

@@ -103,12 +103,12 @@ inline int64_t state8_blocks(int64_t numel) { return (numel + kState8Block - 1) 
 inline void check_adam8_args(const Tensor& m, const Tensor& m_absmax, const Tensor& v, const Tensor& v_absmax,
                              const Tensor& R) {
   const char* op = kAdam8Op;
-  LOWRANK_CHECK(R.scalar_type() == ScalarType::Float, op, ": R must be float32, got ",
-                  torch::headeronly::toString(R.scalar_type()));
-  LOWRANK_CHECK(m.scalar_type() == ScalarType::Char, op, ": exp_avg must be int8 (signed codes), got ",
-                  torch::headeronly::toString(m.scalar_type()));
-  LOWRANK_CHECK(v.scalar_type() == ScalarType::Byte, op, ": exp_avg_sq must be uint8 (unsigned codes), got ",
-                  torch::headeronly::toString(v.scalar_type()));
+  LOWRANK_CHECK(R.scalar_type() == ScalarType::Float, op, ": R must be float32 (got ",
+                dtype_str(R.scalar_type()), ")");
+  LOWRANK_CHECK(m.scalar_type() == ScalarType::Char, op, ": exp_avg must be int8, signed codes (got ",
+                dtype_str(m.scalar_type()), ")");
+  LOWRANK_CHECK(v.scalar_type() == ScalarType::Byte, op, ": exp_avg_sq must be uint8, unsigned codes (got ",
+                dtype_str(v.scalar_type()), ")");
   check_same_device(op, m, "exp_avg", R, "R");
   check_same_device(op, v, "exp_avg_sq", R, "R");
   check_same_device(op, m_absmax, "exp_avg_absmax", R, "R");
@@ -123,15 +123,24 @@ inline void check_adam8_args(const Tensor& m, const Tensor& m_absmax, const Tens
   const char* names[2] = {"exp_avg_absmax", "exp_avg_sq_absmax"};
   for (int i = 0; i < 2; ++i) {
     const Tensor& a = *absmaxes[i];
-    LOWRANK_CHECK(a.scalar_type() == ScalarType::Float, op, ": ", names[i], " must be float32, got ",
-                    torch::headeronly::toString(a.scalar_type()));
+    LOWRANK_CHECK(a.scalar_type() == ScalarType::Float, op, ": ", names[i], " must be float32 (got ",
+                  dtype_str(a.scalar_type()), ")");
     LOWRANK_CHECK(a.dim() == 1 && a.size(0) == blocks, op, ": ", names[i], " must be 1-D of length ", blocks,
                     " (one absmax per block of ", kState8Block, " elements of R)");
     LOWRANK_CHECK(a.is_contiguous(), op, ": ", names[i], " must be contiguous (it is updated in place)");
   }
-  const void *am = m_absmax.data_ptr(), *av = v_absmax.data_ptr(), *g = R.data_ptr();
-  LOWRANK_CHECK(R.numel() == 0 || (am != av && am != g && av != g), op,
-                  ": exp_avg_absmax, exp_avg_sq_absmax and R must be three different tensors (updated in place)");
+  // every in-place tensor against every other argument: views that overlap count (a race, or a read of
+  // half-updated state), not only the same tensor passed twice
+  check_no_overlap(op, m, "exp_avg", v, "exp_avg_sq");
+  check_no_overlap(op, m, "exp_avg", m_absmax, "exp_avg_absmax");
+  check_no_overlap(op, m, "exp_avg", v_absmax, "exp_avg_sq_absmax");
+  check_no_overlap(op, m, "exp_avg", R, "R");
+  check_no_overlap(op, v, "exp_avg_sq", m_absmax, "exp_avg_absmax");
+  check_no_overlap(op, v, "exp_avg_sq", v_absmax, "exp_avg_sq_absmax");
+  check_no_overlap(op, v, "exp_avg_sq", R, "R");
+  check_no_overlap(op, m_absmax, "exp_avg_absmax", v_absmax, "exp_avg_sq_absmax");
+  check_no_overlap(op, m_absmax, "exp_avg_absmax", R, "R");
+  check_no_overlap(op, v_absmax, "exp_avg_sq_absmax", R, "R");
 }
 
 }  // namespace lowrank

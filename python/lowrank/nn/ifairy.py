@@ -82,8 +82,9 @@ class IFairyLinear(nn.Module):
     @staticmethod
     def forward_many(layers: "list[IFairyLinear]", x_real: torch.Tensor, x_imag: torch.Tensor
                      ) -> list[tuple[torch.Tensor, torch.Tensor]]:
-        """``[layer(x_real, x_imag) for layer in layers]`` in one ``ifairy_linear_multi`` call (activations
-        quantized once, one dispatch): the layers must share ``in_features`` and ``act_quant``."""
+        """``[layer(x_real, x_imag) for layer in layers]`` in one ``ifairy_linear_multi`` call (one dispatch; on the
+        CPU the activations are quantized once); layers that differ in ``in_features`` or ``act_quant`` are run
+        one by one."""
         first = layers[0]
         if any(l.in_features != first.in_features or l.act_quant != first.act_quant for l in layers):
             return [layer(x_real, x_imag) for layer in layers]

@@ -157,7 +157,7 @@ class IFairyAttention(nn.Module):
         self.attn_layernorm = ComplexRMSNorm(h, cfg.rms_norm_eps)
 
     def project_qkv(self, x_real: torch.Tensor, x_imag: torch.Tensor) -> tuple[Pair, Pair, Pair]:
-        # one call for the three (activations quantized once, one dispatch)
+        # one call for the three (one dispatch; on the CPU one activation quantization)
         q, k, v = IFairyLinear.forward_many([self.q_proj, self.k_proj, self.v_proj], x_real, x_imag)
         return q, k, v
 
@@ -214,7 +214,7 @@ class IFairyMLP(nn.Module):
         return (x_real * keep) ** 2, (x_imag * keep) ** 2
 
     def project_gate_up(self, x_real: torch.Tensor, x_imag: torch.Tensor) -> tuple[Pair, Pair]:
-        # one call for the two (activations quantized once, one dispatch)
+        # one call for the two (one dispatch; on the CPU one activation quantization)
         gate, up = IFairyLinear.forward_many([self.gate_proj, self.up_proj], x_real, x_imag)
         return gate, up
 

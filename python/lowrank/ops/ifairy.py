@@ -92,8 +92,8 @@ def ifairy_linear_multi(x_real: torch.Tensor, x_imag: torch.Tensor, packed: list
     in_features) for p, s in zip(packed, scales)]``, equal to it element for element, for a decode step's
     q/k/v or gate/up projections.
 
-    One call pays the dispatch and the checks once, and with ``act_quant`` quantizes the activations once for
-    all the linears. ``packed[i]`` is uint8 ``(out_i, ceil(in/4))`` and ``scales[i]`` float32 ``[s_re, s_im]``;
+    One call pays the dispatch and the checks once, and on the CPU with ``act_quant`` quantizes the activations
+    once for all the linears (the CUDA kernel still runs the linears one after another inside the call). ``packed[i]`` is uint8 ``(out_i, ceil(in/4))`` and ``scales[i]`` float32 ``[s_re, s_im]``;
     the ``out_i`` may differ. Returns one ``(y_real, y_imag)`` pair ``(..., out_i)`` per linear.
     ``torch.ops.lowrank.ifairy_linear_multi`` itself returns the flat list ``[y_real_0, y_imag_0, ...]``.
 

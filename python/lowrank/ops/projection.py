@@ -222,6 +222,8 @@ def adam_lowrank_8bit_(exp_avg: torch.Tensor, exp_avg_absmax: torch.Tensor, exp_
 @torch.library.register_fake("lowrank::adam_lowrank_8bit_")
 def _adam_lowrank_8bit_fake(exp_avg, exp_avg_absmax, exp_avg_sq, exp_avg_sq_absmax, R, beta1, beta2, eps):
     op = "lowrank.adam_lowrank_8bit_"
+    check_same_device(op, ("R", R), ("exp_avg", exp_avg), ("exp_avg_absmax", exp_avg_absmax), ("exp_avg_sq", exp_avg_sq),
+                      ("exp_avg_sq_absmax", exp_avg_sq_absmax))
     torch._check(R.dtype == torch.float32, lambda: f"{op}: R must be float32, got {R.dtype}")
     torch._check(exp_avg.dtype == torch.int8, lambda: f"{op}: exp_avg must be int8 (signed codes), got {exp_avg.dtype}")
     torch._check(exp_avg_sq.dtype == torch.uint8,

@@ -307,9 +307,9 @@ class GaLoreAdamW(torch.optim.Optimizer):
 
     def _projected_step(self, p: torch.Tensor, group: dict) -> None:
         lay = Layout(p)
-        if lay.sharded and (group["state_bits"] != 32 or group["moments"] != "keep"):
+        if is_dtensor(p) and (group["state_bits"] != 32 or group["moments"] != "keep"):
             raise NotImplementedError(
-                "GaLoreAdamW: state_bits=8 and moments='reproject' are not supported on FSDP2-sharded parameters "
+                "GaLoreAdamW: state_bits=8 and moments='reproject' are not supported on FSDP2 (DTensor) parameters "
                 "yet (use state_bits=32, moments='keep' there)")
         G = None if p.grad is None else local(p.grad)
         W = local(p)
@@ -414,6 +414,12 @@ class GaLoreAdamW(torch.optim.Optimizer):
         """torch's loader, except that state tensors keep their saved dtype (fp32 moments of bf16 weights)."""
         check_state_matches_params(self.param_groups, state_dict)
         super().load_state_dict(state_dict)
+        # torch's loader takes the saved groups as they are: a checkpoint written before a group option existed
+        # gets that option's default (as a group given without it would)
+        for group in self.param_groups:
+            if group.get("rank") is not None:
+                for key, value in GALORE_GROUP_DEFAULTS.items():
+                    group.setdefault(key, value)
         saved_ids = [i for g in state_dict["param_groups"] for i in g["params"]]
         params = [p for g in self.param_groups for p in g["params"]]
         for pid, p in zip(saved_ids, params):

@@ -37,7 +37,7 @@ __all__ = ["StepMemory", "measure_step_memory", "measure_fsdp2_step_memory", "ll
 
 METHODS = ("adamw", "galore_torch", "galore", "galore_per_layer", "galore_8bit")
 # Group options that turn on 8-bit optimizer state (GaLoreAdamW's blockwise 8-bit projected moments).
-EIGHT_BIT_OPTIONS: dict | None = {"state_bits": 8}
+EIGHT_BIT_OPTIONS: dict = {"state_bits": 8}
 
 
 @dataclasses.dataclass
@@ -182,9 +182,6 @@ def _make_optimizer(model: nn.Module, method: str, lr: float, galore_options: di
         return opt, [opt], None
     options = dict(galore_options)
     if method == "galore_8bit":
-        if EIGHT_BIT_OPTIONS is None:
-            raise NotImplementedError("measure_step_memory: 'galore_8bit' needs GaLoreAdamW's 8-bit state option, "
-                                      "which this build does not have (lowrank.optim.memory.EIGHT_BIT_OPTIONS)")
         options.update(EIGHT_BIT_OPTIONS)
     groups = galore_groups(model, **options)
     if method == "galore_per_layer":
