@@ -23,8 +23,9 @@ from conftest import HAS_CUDA, devices, noncontiguous_like
 
 BAD_INPUT_ERRORS = (RuntimeError, ValueError, TypeError)
 
-# (out, in): row counts around the 4-row and 8-row blocks, widths around the 16-byte (64-weight) steps
-KERNEL_SHAPES = [(1, 1), (3, 5), (4, 63), (5, 64), (9, 65), (13, 127), (8, 129), (7, 261), (17, 1000)]
+# (out, in): row counts around the 4-row and 8-row blocks, widths around the 16-byte (64-weight) steps; (24, 2)
+# puts many zero and power-of-two quotients in the AVX-512 epilogue (its division-free path refuses those)
+KERNEL_SHAPES = [(1, 1), (3, 5), (4, 63), (5, 64), (9, 65), (13, 127), (8, 129), (7, 261), (17, 1000), (24, 2)]
 KERNEL_TOKENS = [1, 2, 3, 4, 5, 7, 9, 17]
 
 
@@ -278,3 +279,27 @@ def test_multi_gradient_request_raises():
     (y_re, _), = lowrank.ifairy_linear_multi(xr, xi, [packed], [scales])
     with pytest.raises(RuntimeError, match="inference only"):
         y_re.sum().backward()
+
+
+@pytest.mark.skipif(HAS_CUDA, reason="the wrappers' choice of path is device independent")
+def test_wrappers_skip_the_refusal_only_when_no_gradient_can_flow():
+    # The wrappers run below autograd when no input needs a gradient (the fixed cost of a decode step); any
+    # input that does, scales included, still meets the refusal, and so do functorch's gradient transforms.
+    gen = torch.Generator().manual_seed(9)
+    packed, scales = _layer(5, 12, gen)
+    xr, xi = _x(3, 12, gen)
+    with torch.inference_mode():
+        want = lowrank.ifairy_linear(xr, xi, packed, scales)
+    for ys in (lowrank.ifairy_linear(xr, xi, packed, scales), lowrank.ifairy_linear_multi(xr, xi, [packed], [scales])[0]):
+        assert all(torch.equal(y, w) and y.grad_fn is None and not y.requires_grad for y, w in zip(ys, want))
+    for leaf in ("x_imag", "scales"):
+        args = {"x_real": xr, "x_imag": xi.clone(), "scales": scales.clone()}
+        args[leaf].requires_grad_(True)
+        for run in (lambda: lowrank.ifairy_linear(args["x_real"], args["x_imag"], packed, args["scales"]),
+                    lambda: lowrank.ifairy_linear_multi(args["x_real"], args["x_imag"], [packed], [args["scales"]])[0]):
+            y_re, _ = run()
+            assert y_re.requires_grad
+            with pytest.raises(RuntimeError, match="inference only"):
+                y_re.sum().backward()
+    with pytest.raises(RuntimeError, match="inference only|functorch"):  # either refusal, never a silent zero
+        torch.func.grad(lambda x: lowrank.ifairy_linear(x, xi, packed, scales)[0].sum())(xr)

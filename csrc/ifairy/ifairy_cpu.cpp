@@ -24,6 +24,8 @@
 #include <cstdlib>
 #include <cstring>
 #include <limits>
+#include <memory>
+#include <new>
 #include <string>
 #include <tuple>
 #include <type_traits>
@@ -255,22 +257,30 @@ struct Linear {
   T* yi;
 };
 
+constexpr size_t kActAlign = 64;
+struct AlignedDelete {
+  void operator()(int8_t* p) const { ::operator delete[](p, std::align_val_t(kActAlign)); }
+};
+
 // W2A8 of every linear in `ls` on the same x: the activations are quantized once.
 template <typename T>
 void linear_w2a8(int64_t Tn, int64_t in, const T* xr, const T* xi, const std::vector<Linear<T>>& ls) {
   const bool lanes512 = isa() == Isa::kAvx512;
   const int64_t pad = lanes512 ? kActPadAvx512 : kActPad;
   const int64_t in_pad = (in + pad - 1) / pad * pad;
-  std::vector<int8_t> q(static_cast<size_t>(Tn * 2 * in_pad));
+  // q and sums are written in full before they are read: left uninitialized (zeroing sums was 0.3 us a call).
+  // q is 64-byte aligned, so that the AVX-512 kernel's 64-byte activation loads never straddle cache lines.
+  const std::unique_ptr<int8_t[], AlignedDelete> q(static_cast<int8_t*>(
+      ::operator new[](static_cast<size_t>(Tn * 2 * in_pad), std::align_val_t(kActAlign))));
   std::vector<float> a(static_cast<size_t>(Tn * 2));
   std::vector<int32_t> qsum(static_cast<size_t>(Tn * 2));
-  quantize_acts(xr, xi, Tn, in, in_pad, lanes512, q.data(), a.data(), qsum.data());
+  quantize_acts(xr, xi, Tn, in, in_pad, lanes512, q.get(), a.data(), qsum.data());
   static const Int8RowsKernel kernel = int8_kernel();
   int64_t most = 0;
   for (const Linear<T>& l : ls) most = std::max(most, l.out);
-  std::vector<int32_t> sums(static_cast<size_t>(Tn * most * 4));
+  const std::unique_ptr<int32_t[]> sums(new int32_t[static_cast<size_t>(Tn * most * 4)]);
   for (const Linear<T>& l : ls) {
-    const Int8Problem p{l.packed, l.nbytes, l.out, q.data(), in_pad, Tn, sums.data(), qsum.data()};
+    const Int8Problem p{l.packed, l.nbytes, l.out, q.get(), in_pad, Tn, sums.get(), qsum.data()};
     // about in·T int8 operations a row; keep tasks large enough to amortize the pool
     const int64_t grain = std::max<int64_t>(8, (int64_t(1) << 16) / std::max<int64_t>(1, in * Tn));
     const double sr = l.s_re, si = l.s_im;

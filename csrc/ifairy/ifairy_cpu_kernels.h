@@ -20,8 +20,9 @@ constexpr int64_t kActPad = 32;
 constexpr int64_t kActPadAvx512 = 64;
 
 // The element of a 64-block held by byte lane l of the AVX-512 kernel (see ifairy_avx512.cpp), and back.
-constexpr int avx512_elem(int l) { return 32 * ((l / 8) % 2) + 8 * (l / 16) + l % 8; }
-constexpr int avx512_lane(int e) { return 16 * ((e % 32) / 8) + 8 * (e / 32) + e % 8; }
+// Byte lane l = 16·L + 8·h + b holds code L of packed byte 8·h + b of the 16 (h: which qword of lane L).
+constexpr int avx512_elem(int l) { return 32 * ((l / 8) % 2) + 4 * (l % 8) + l / 16; }
+constexpr int avx512_lane(int e) { return 16 * (e % 4) + 8 * (e / 32) + (e % 32) / 4; }
 
 struct Int8Problem {
   const uint8_t* packed;

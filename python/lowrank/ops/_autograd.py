@@ -37,18 +37,26 @@ def refuse_gradient(op: str, message: str) -> None:
     the op fail to compile, even for inference. Gradients of inputs that do not need one are None.
     """
 
+    def meta(t):
+        return (t.shape, t.dtype, t.device) if isinstance(t, torch.Tensor) and t.is_floating_point() else None
+
     def setup_context(ctx, inputs, output):
-        ctx.metas = [(t.shape, t.dtype, t.device) if isinstance(t, torch.Tensor) and t.is_floating_point() else None
+        # a list input (ifairy_linear_multi's scales) gets a list of gradients, one per element that needs one
+        ctx.metas = [[meta(e) if e.requires_grad else None for e in t] if isinstance(t, (list, tuple)) else meta(t)
                      for t in inputs]
+
+    def refusal(shape, dtype, device):
+        return _inference_only_gradient(torch.empty(shape, dtype=dtype, device=device), message)
 
     def backward(ctx, *grads):
         out = []
-        for i, meta in enumerate(ctx.metas):
-            if meta is None or not ctx.needs_input_grad[i]:
+        for i, m in enumerate(ctx.metas):
+            if isinstance(m, list):
+                out.append([None if e is None else refusal(*e) for e in m])
+            elif m is None or not ctx.needs_input_grad[i]:
                 out.append(None)
             else:
-                shape, dtype, device = meta
-                out.append(_inference_only_gradient(torch.empty(shape, dtype=dtype, device=device), message))
+                out.append(refusal(*m))
         return tuple(out)
 
     torch.library.register_autograd(op, backward, setup_context=setup_context)
