@@ -88,7 +88,7 @@ std::tuple<Tensor, Tensor> quantize_cpu(Tensor w_real, Tensor w_imag) {
   });
   // a NaN or Inf weight would give a NaN, Inf or silently clamped scale for the whole layer: refuse
   for (int64_t r = 0; r < out; ++r)
-    LOWRANK_CHECK(!nonfinite[r], kQuant, ": w_real and w_imag must be finite, got a NaN or Inf in row ", r);
+    LOWRANK_CHECK(!nonfinite[r], kQuant, ": w_real and w_imag must be finite (got a NaN or Inf in row ", r, ")");
   double sre = 0, sim = 0;
   int64_t cre = 0;
   for (int64_t r = 0; r < out; ++r) sre += sum_re[r], sim += sum_im[r], cre += cnt_re[r];
@@ -570,8 +570,8 @@ std::tuple<Tensor, Tensor> linear_cpu(Tensor x_real, Tensor x_imag, Tensor packe
 std::vector<Tensor> linear_multi_cpu(Tensor x_real, Tensor x_imag, std::vector<Tensor> packed,
                                      std::vector<Tensor> scales, bool act_quant, std::optional<int64_t> in_features) {
   const LinearDims xd = x_dims(kMulti, x_real, x_imag, act_quant, in_features);
-  LOWRANK_CHECK(packed.size() == scales.size(), kMulti, ": packed and scales must be lists of the same length, got ",
-                  packed.size(), " and ", scales.size());
+  LOWRANK_CHECK(packed.size() == scales.size(), kMulti, ": packed and scales must be lists of the same length (got ",
+                packed.size(), " and ", scales.size(), ")");
   LOWRANK_CHECK(x_real.is_cpu(), kMulti, ": the CPU kernel got a tensor on ", device_name(x_real));
   std::vector<LinearDims> wd;
   for (size_t i = 0; i < packed.size(); ++i) {
