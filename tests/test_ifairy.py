@@ -27,6 +27,7 @@ from lowrank.reference import (ifairy_dequantize_reference, ifairy_linear_refere
                                ifairy_unpack_codes)
 
 from conftest import HAS_CUDA, devices, noncontiguous_like
+from ifairy_complex128 import block_complex128 as shared_block_complex128
 
 LOW_PRECISION = (torch.float16, torch.bfloat16)
 BAD_INPUT_ERRORS = (RuntimeError, ValueError, TypeError)
@@ -880,33 +881,8 @@ SMALL = IFairyConfig(hidden_size=32, intermediate_size=56, num_heads=4)
 
 
 def block_complex128(block: IFairyBlock, x: torch.Tensor) -> torch.Tensor:
-    """The same block in torch's complex128 arithmetic, from the model's description (act_quant=False)."""
-    def lin(layer, v):
-        wr, wi = layer.dequantize()
-        return v.conj() @ torch.complex(wr.double(), wi.double()).T  # W·conj(x)
-
-    def norm(n, v):
-        inv = torch.rsqrt((v.abs() ** 2).mean(-1, keepdim=True) + n.eps)
-        return torch.complex(n.weight_real.double() * v.real, n.weight_imag.double() * v.imag) * inv
-
-    att, mlp, cfg = block.self_attn, block.mlp, block.config
-    b, t, h = x.shape
-    d = h // cfg.num_heads
-    inv_freq = cfg.rope_theta ** (-torch.arange(d, dtype=torch.float64) / d)
-    rot = torch.polar(torch.ones(t, d, dtype=torch.float64), torch.arange(t, dtype=torch.float64)[:, None] * inv_freq)
-    hn = norm(block.input_layernorm, x)
-    q, k, v = (lin(p, hn).view(b, t, cfg.num_heads, d).transpose(1, 2) for p in (att.q_proj, att.k_proj, att.v_proj))
-    q, k = q * rot, k * rot
-    scores = (q @ k.conj().transpose(-1, -2)).real / math.sqrt(2 * d)  # flash-attention's scale, as trained
-    scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
-    o = (scores.softmax(-1).to(torch.complex128) @ v).transpose(1, 2).reshape(b, t, h)
-    x = x + lin(att.o_proj, norm(att.attn_layernorm, o))
-    hn = norm(block.post_attention_layernorm, x)
-    g = lin(mlp.gate_proj, hn)
-    g = torch.where(((g.real < 0) & (g.imag < 0)), 0, g)
-    g = torch.complex(g.real ** 2, g.imag ** 2)
-    u = g.conj() * lin(mlp.up_proj, hn)
-    return x + lin(mlp.down_proj, norm(mlp.ffn_layernorm, u))
+    cfg = block.config
+    return shared_block_complex128(block, x, cfg.num_heads, cfg.num_heads, cfg.rope_theta)
 
 
 def test_example_block_matches_complex_arithmetic():

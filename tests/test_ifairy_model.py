@@ -13,6 +13,8 @@ import torch
 from lowrank.nn import IFairyConfig, IFairyForCausalLM, IFairyLinear
 from lowrank.nn.ifairy_model import next_token
 
+from ifairy_complex128 import block_complex128, norm
+
 TINY = dict(hidden_size=32, intermediate_size=48, num_heads=4, vocab_size=50, num_hidden_layers=2,
             max_position_embeddings=64)
 
@@ -31,36 +33,10 @@ def tiny_model(dtype=torch.float64, act_quant=True, seed=0, **overrides) -> IFai
 def model_complex128(model: IFairyForCausalLM, ids: torch.Tensor) -> torch.Tensor:
     """The same model in torch's complex128 arithmetic, written from the official model (act_quant=False)."""
     cfg = model.config
-    d, h, kvh = cfg.head_dim, cfg.num_heads, cfg.num_key_value_heads
-
-    def lin(layer, v):
-        wr, wi = layer.dequantize()
-        return v.conj() @ torch.complex(wr.double(), wi.double()).T  # W·conj(x)
-
-    def norm(n, v):
-        inv = torch.rsqrt((v.abs() ** 2).mean(-1, keepdim=True) + n.eps)
-        return torch.complex(n.weight_real.double() * v.real, n.weight_imag.double() * v.imag) * inv
-
-    b, t = ids.shape
     x = torch.complex(model.token_embeddings_real.weight.double()[ids],
                       model.token_embeddings_imag.weight.double()[ids])
-    inv_freq = cfg.rope_theta ** (-torch.arange(d, dtype=torch.float64) / d)
-    rot = torch.polar(torch.ones(t, d, dtype=torch.float64), torch.arange(t, dtype=torch.float64)[:, None] * inv_freq)
     for blk in model.layer:
-        att, mlp = blk.self_attn, blk.mlp
-        hn = norm(blk.input_layernorm, x)
-        q = lin(att.q_proj, hn).view(b, t, h, d).transpose(1, 2) * rot
-        k = (lin(att.k_proj, hn).view(b, t, kvh, d).transpose(1, 2) * rot).repeat_interleave(h // kvh, 1)
-        v = lin(att.v_proj, hn).view(b, t, kvh, d).transpose(1, 2).repeat_interleave(h // kvh, 1)
-        scores = (q @ k.conj().transpose(-1, -2)).real / math.sqrt(2 * d)  # as trained (flash-attention)
-        scores = scores.masked_fill(torch.ones(t, t, dtype=torch.bool).triu(1), float("-inf"))
-        o = (scores.softmax(-1).to(torch.complex128) @ v).transpose(1, 2).reshape(b, t, cfg.hidden_size)
-        x = x + lin(att.o_proj, norm(att.attn_layernorm, o))
-        hn = norm(blk.post_attention_layernorm, x)
-        g = lin(mlp.gate_proj, hn)
-        g = torch.where((g.real < 0) & (g.imag < 0), 0, g)
-        g = torch.complex(g.real ** 2, g.imag ** 2)
-        x = x + lin(mlp.down_proj, norm(mlp.ffn_layernorm, g.conj() * lin(mlp.up_proj, hn)))
+        x = block_complex128(blk, x, cfg.num_heads, cfg.num_key_value_heads, cfg.rope_theta)
     x = norm(model.final_norm, x)
     return torch.cat([x.real, x.imag], -1) @ model.lm_head.weight.double().T
 
