@@ -26,6 +26,7 @@ import transformers
 from lowrank.memory import LLAMA_SIZES, PAPER_HPARAMS
 from lowrank.nn import convert_to_monarch, convert_to_sltrain
 from lowrank.optim import GaLoreAdamW
+from lowrank.optim._sharding import local
 
 SIZES = {"tiny": {"hidden_size": 64, "intermediate_size": 176, "num_attention_heads": 4, "num_hidden_layers": 2},
          **LLAMA_SIZES}
@@ -105,10 +106,6 @@ def make_optimizer(model, args, optim: str, rank: int):
         groups.append({"params": projected, "rank": rank, "update_proj_gap": args.update_proj_gap, "scale": 0.25,
                        "fira": optim == "fira"})
     return GaLoreAdamW(groups, lr=args.lr)
-
-
-def local(t: torch.Tensor) -> torch.Tensor:
-    return t.to_local() if hasattr(t, "to_local") else t
 
 
 def state_bytes(model, opt) -> dict:
