@@ -11,18 +11,10 @@ from __future__ import annotations
 import torch
 
 from ..ops import projection as _ops
+from ..reference import projection as _codec  # the maps, written once (same IEEE ops as the kernels)
 
 STATE_BITS = (32, 8)
 _BLOCK = _ops.STATE8_BLOCK
-
-
-def _blocks(x: torch.Tensor) -> torch.Tensor:
-    flat = x.reshape(-1)
-    return torch.nn.functional.pad(flat, (0, (-flat.numel()) % _BLOCK)).reshape(-1, _BLOCK)
-
-
-def _unblock(b: torch.Tensor, like: torch.Tensor) -> torch.Tensor:
-    return b.reshape(-1)[:like.numel()].reshape(like.shape)
 
 
 def init_state(state: dict, R: torch.Tensor) -> None:
@@ -50,27 +42,13 @@ def adam_step(state: dict, R: torch.Tensor, beta1: float, beta2: float, eps: flo
 
 def dequantize(state: dict) -> tuple[torch.Tensor, torch.Tensor]:
     """The float32 moments (m, v) the codes stand for."""
-    mq, vq = state["exp_avg"], state["exp_avg_sq"]
-    k = _blocks(mq.to(torch.float32))
-    t = k.abs() / 127
-    m = (t * t) * state["exp_avg_absmax"].unsqueeze(1)
-    m = torch.where(k < 0, -m, m)
-    t = _blocks(vq.to(torch.float32)) / 255
-    t2 = t * t
-    v = (t2 * t2) * state["exp_avg_sq_absmax"].unsqueeze(1)
-    return _unblock(m, mq), _unblock(v, vq)
+    return (_codec.dequantize_exp_avg_reference(state["exp_avg"], state["exp_avg_absmax"]),
+            _codec.dequantize_exp_avg_sq_reference(state["exp_avg_sq"], state["exp_avg_sq_absmax"]))
 
 
 def quantize_(state: dict, m: torch.Tensor, v: torch.Tensor) -> None:
     """Encode float32 moments into the state's codes and absmax, in place."""
-    b = _blocks(m)
-    am = b.abs().amax(dim=1, keepdim=True)
-    k = torch.round(127 * torch.sqrt(b.abs() / torch.where(am > 0, am, torch.ones_like(am))))
-    k = torch.where(am > 0, torch.where(b < 0, -k, k), torch.zeros_like(k))
-    state["exp_avg"].copy_(_unblock(k, m))
-    state["exp_avg_absmax"].copy_(am.squeeze(1))
-    b = _blocks(v)
-    av = b.amax(dim=1, keepdim=True)
-    k = torch.round(255 * torch.sqrt(torch.sqrt(b / torch.where(av > 0, av, torch.ones_like(av)))))
-    state["exp_avg_sq"].copy_(_unblock(torch.where(av > 0, k, torch.zeros_like(k)), v))
-    state["exp_avg_sq_absmax"].copy_(av.squeeze(1))
+    for key, (codes, absmax) in (("exp_avg", _codec.quantize_exp_avg_reference(m)),
+                                 ("exp_avg_sq", _codec.quantize_exp_avg_sq_reference(v))):
+        state[key].copy_(codes)
+        state[key + "_absmax"].copy_(absmax)
