@@ -23,9 +23,11 @@ from conftest import HAS_CUDA, devices, noncontiguous_like
 
 BAD_INPUT_ERRORS = (RuntimeError, ValueError, TypeError)
 
-# (out, in): row counts around the 4-row and 8-row blocks, widths around the 16-byte (64-weight) steps; (24, 2)
-# puts many zero and power-of-two quotients in the AVX-512 epilogue (its division-free path refuses those)
-KERNEL_SHAPES = [(1, 1), (3, 5), (4, 63), (5, 64), (9, 65), (13, 127), (8, 129), (7, 261), (17, 1000), (24, 2)]
+# (out, in): row counts around the 4-row and 8-row blocks, widths around the AVX2 kernel's 64-weight steps and
+# the AVX-512 kernel's 256-weight chunks (a full last chunk, a masked one, one byte short); (24, 2) puts many
+# zero and power-of-two quotients in the AVX-512 epilogue (its division-free path refuses those)
+KERNEL_SHAPES = [(1, 1), (3, 5), (4, 63), (5, 64), (9, 65), (13, 127), (8, 129), (7, 261), (17, 1000), (24, 2),
+                 (6, 255), (5, 256), (12, 257), (4, 511), (9, 768), (3, 1029)]
 KERNEL_TOKENS = [1, 2, 3, 4, 5, 7, 9, 17]
 
 

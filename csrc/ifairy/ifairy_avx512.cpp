@@ -3,18 +3,23 @@
 //
 // Why it is faster than the AVX2 kernel: the weights are turned into u8 multipliers once per 64 weights and
 // then every (token, sum) costs one vpdpbusd, which multiplies and sums 64 byte pairs into 16 int32 lanes.
-//   Decode, 16 packed bytes = 64 weights: a broadcast load puts the 16 bytes in every 128-bit lane L, and
-//   vpsrlvq shifts lane L's qwords right by 2·L bits, so byte k of lane L holds code L of packed byte k in its
-//   low bits (the lane -> element order this gives is undone by laying the activations out in the same order,
-//   once per call: avx512_elem); vpermb with a 64-entry table that repeats every 4 entries maps the code (the
-//   bits above it are ignored by the period) to wA+1 or wB+1, where wA = ±1 on the real axis and 0 on the
-//   imaginary one, wB the reverse. The +1 makes them unsigned, as vpdpbusd wants.
-//   Why a shift and not vpmultishiftqb (the first version): vpermb and vpmultishiftqb both run on port 5
-//   only, vpdpbusd on ports 0 and 5, vpsrlvq on port 0; with the shift a 16-byte step is 2 port-5 + 1 port-0
-//   + 4 either-port instructions, which the scheduler balances better than 3 + 0 + 4.
+//   Decode, one 64-byte chunk of a row = 256 weights: byte j holds elements 4j + p (p = 0..3) at bits 2p.
+//   vpermb indexes its 64-entry table with the low 6 bits of each byte, so a table whose entry i depends only
+//   on bits 2p..2p+1 of i reads code p straight from the loaded bytes for p = 0, 1, 2; code 3 (bits 6-7, which
+//   vpermb ignores) is brought down by one vpsrlw by 6 and read with the p = 0 tables. Each table maps the
+//   code to wA+1 or wB+1, where wA = ±1 on the real axis and 0 on the imaginary one, wB the reverse. The +1
+//   makes them unsigned, as vpdpbusd wants. The activations are laid out to match, once per call: in each
+//   chunk of 256 elements, vector p (bytes 64p..64p+63) holds elements 4j + p (avx512_pos).
+//   Per 64 weights and token this is 2 vpermb (port 5) + 4 vpdpbusd (ports 0 and 5) + 1/4 vpsrlw (port 0):
+//   6.25 uops on those two ports, where the previous decode (a 16-byte broadcast, vpsrlvq by 2·lane, then the
+//   two lookups) took 7 (measured alone on this kind of Xeon: 16 vpdpbusd + 8 vpermb + 1 vpsrlw 13.2 cycles,
+//   with 4 vpsrlvq instead 14.9). With the four-row reduction (reduce16) and the call's scratch kept between
+//   calls (ifairy_cpu.cpp), a one-token 1536x1536 call went from 49-50 us to 45-48 us on one thread.
 //   Sums: A' = Σ (wA+1)·q_r = A + Σ q_r, and likewise B', C', D'; Σ q_r and Σ q_i are per token (qsum), so
 //   A = A' − Σ q_r exactly. int32 lanes cannot lose the result: |A'| <= 254·in, and the op refuses in beyond
 //   kMaxInt8In, where even wrapped partial sums (two's complement) come back to the exact A.
+//   A row's last chunk is loaded with a byte mask (bytes past the row read as 0, code −1); the activations
+//   there are zero, so they add nothing.
 // Rows are walked in blocks of kRowBlock for each group of up to 4 tokens, so the group's activations stay in
 // L1; one token processes 4 rows at once (16 accumulators), two tokens 2 rows, more tokens 1 row.
 #include <immintrin.h>
@@ -27,19 +32,20 @@ namespace avx512 {
 namespace {
 
 constexpr int64_t kRowBlock = 8;
+constexpr int64_t kChunk = 64;  // packed bytes a step: 256 weights
 
-// vpsrlvq counts: the qwords of 128-bit lane L shift right by 2·L bits.
-inline __m512i shift_counts() { return _mm512_setr_epi64(0, 0, 2, 2, 4, 4, 6, 6); }
-
-// Code tables (64 entries, period 4): code 0 = -1, 1 = +1, 2 = -i, 3 = +i.
-inline __m512i table(uint8_t c0, uint8_t c1, uint8_t c2, uint8_t c3) {
-  return _mm512_set1_epi32(static_cast<int>(c0 | (c1 << 8) | (c2 << 16) | (static_cast<uint32_t>(c3) << 24)));
+// Code tables: entry i = f(code at bits 2p of i), f given for code 0 = -1, 1 = +1, 2 = -i, 3 = +i.
+inline __m512i table(int p, uint8_t c0, uint8_t c1, uint8_t c2, uint8_t c3) {
+  alignas(64) uint8_t t[64];
+  const uint8_t f[4] = {c0, c1, c2, c3};
+  for (int i = 0; i < 64; ++i) t[i] = f[(i >> (2 * p)) & 3];
+  return _mm512_load_si512(t);
 }
 
 struct Tables {
-  __m512i shifts = shift_counts();
-  __m512i ta = table(0, 2, 1, 1);  // wA + 1
-  __m512i tb = table(1, 1, 0, 2);  // wB + 1
+  // wA + 1 and wB + 1 of the code at bits 2p, p = 0, 1, 2 (p = 3 uses p = 0 after the shift)
+  __m512i ta[3] = {table(0, 0, 2, 1, 1), table(1, 0, 2, 1, 1), table(2, 0, 2, 1, 1)};
+  __m512i tb[3] = {table(0, 1, 1, 0, 2), table(1, 1, 1, 0, 2), table(2, 1, 1, 0, 2)};
 };
 
 // No std:: templates in this file: an inline function compiled here with AVX-512 could be the copy the
@@ -48,9 +54,14 @@ inline __mmask16 live16(int64_t n) {  // the first min(max(n, 0), 16) lanes
   return n >= 16 ? __mmask16(0xffff) : n <= 0 ? __mmask16(0) : static_cast<__mmask16>((1u << n) - 1u);
 }
 
-inline __m512i load16(const uint8_t* p, int64_t left) {
-  const __m128i v = left >= 16 ? _mm_loadu_si128(reinterpret_cast<const __m128i*>(p)) : _mm_maskz_loadu_epi8(live16(left), p);
-  return _mm512_broadcast_i32x4(v);
+inline __mmask64 live64(int64_t n) {  // the first min(max(n, 0), 64) bytes
+  return n >= 64 ? ~__mmask64(0) : n <= 0 ? __mmask64(0) : static_cast<__mmask64>((uint64_t(1) << n) - 1u);
+}
+
+// A row's chunk s: 64 bytes, or the `left` that remain (zeros after them).
+inline __m512i load_chunk(const uint8_t* row, int64_t s, int64_t nbytes) {
+  const int64_t left = nbytes - kChunk * s;
+  return left >= kChunk ? _mm512_loadu_si512(row + kChunk * s) : _mm512_maskz_loadu_epi8(live64(left), row + kChunk * s);
 }
 
 // [Σ a, Σ b, Σ c, Σ d] of four 16-lane vectors, in 13 instructions instead of four separate reductions' ~36.
@@ -62,16 +73,24 @@ inline __m128i reduce4(__m512i a, __m512i b, __m512i c, __m512i d) {
   return _mm_add_epi32(_mm256_castsi256_si128(half), _mm256_extracti128_si256(half, 1));
 }
 
-// [A', B', C', D'] of the row's last nbytes % 16 bytes (step `full`) for one token's activations q (q_r, then
-// q_i at in_pad): one masked step with its own accumulators, so the main loop stays free of masks and branches.
-inline __m128i tail_sums(const Int8Problem& p, const Tables& k, const uint8_t* row, int64_t full, const int8_t* q) {
-  const __m128i bytes = _mm_maskz_loadu_epi8(live16(p.nbytes - 16 * full), row + 16 * full);
-  const __m512i idx = _mm512_srlv_epi64(_mm512_broadcast_i32x4(bytes), k.shifts);
-  const __m512i wa = _mm512_permutexvar_epi8(idx, k.ta), wb = _mm512_permutexvar_epi8(idx, k.tb);
-  const __m512i xr = _mm512_loadu_si512(q + 64 * full), xi = _mm512_loadu_si512(q + p.in_pad + 64 * full);
-  const __m512i z = _mm512_setzero_si512();
-  return reduce4(_mm512_dpbusd_epi32(z, wa, xr), _mm512_dpbusd_epi32(z, wb, xi), _mm512_dpbusd_epi32(z, wa, xi),
-                 _mm512_dpbusd_epi32(z, wb, xr));
+// Per 128-bit lane [Σa, Σb, Σc, Σd] partials of four vectors (sums of the lane's own elements).
+inline __m512i lanes4(__m512i a, __m512i b, __m512i c, __m512i d) {
+  const __m512i ab = _mm512_add_epi32(_mm512_unpacklo_epi32(a, b), _mm512_unpackhi_epi32(a, b));
+  const __m512i cd = _mm512_add_epi32(_mm512_unpacklo_epi32(c, d), _mm512_unpackhi_epi32(c, d));
+  return _mm512_add_epi32(_mm512_unpacklo_epi64(ab, cd), _mm512_unpackhi_epi64(ab, cd));
+}
+
+// The sixteen sums of four rows' accumulators, [A0, B0, C0, D0, A1, ..., D3], in one vector: 45 instructions
+// where four reduce4 and their stores took about 90 (about 10 % of a 1536-wide decode).
+inline __m512i reduce16(__m512i a0, __m512i b0, __m512i c0, __m512i d0, __m512i a1, __m512i b1, __m512i c1,
+                        __m512i d1, __m512i a2, __m512i b2, __m512i c2, __m512i d2, __m512i a3, __m512i b3,
+                        __m512i c3, __m512i d3) {
+  const __m512i r0 = lanes4(a0, b0, c0, d0), r1 = lanes4(a1, b1, c1, d1);
+  const __m512i r2 = lanes4(a2, b2, c2, d2), r3 = lanes4(a3, b3, c3, d3);
+  // [r0 L0+L1, r0 L2+L3, r1 L0+L1, r1 L2+L3] and the same of rows 2, 3 (L: 128-bit lane)
+  const __m512i r01 = _mm512_add_epi32(_mm512_shuffle_i32x4(r0, r1, 0x88), _mm512_shuffle_i32x4(r0, r1, 0xDD));
+  const __m512i r23 = _mm512_add_epi32(_mm512_shuffle_i32x4(r2, r3, 0x88), _mm512_shuffle_i32x4(r2, r3, 0xDD));
+  return _mm512_add_epi32(_mm512_shuffle_i32x4(r01, r23, 0x88), _mm512_shuffle_i32x4(r01, r23, 0xDD));
 }
 
 // acc += the 4-byte dot products of u8 w and s8 x, in place. Inline asm instead of _mm512_dpbusd_epi32 because
@@ -81,35 +100,48 @@ __attribute__((always_inline)) inline void dpbusd(__m512i& acc, __m512i w, __m51
   asm("vpdpbusd %2, %1, %0" : "+v"(acc) : "v"(w), "v"(x));
 }
 
-// One row's step of the one-token loop: its 16 bytes decoded, four vpdpbusd into its four accumulators.
-__attribute__((always_inline)) inline void one_token_step(const Tables& k, const uint8_t* bytes16, __m512i xr,
-                                                          __m512i xi, __m512i& a, __m512i& b, __m512i& c,
-                                                          __m512i& d) {
-  const __m128i bytes = _mm_loadu_si128(reinterpret_cast<const __m128i*>(bytes16));
-  const __m512i idx = _mm512_srlv_epi64(_mm512_broadcast_i32x4(bytes), k.shifts);
-  const __m512i wa = _mm512_permutexvar_epi8(idx, k.ta);
-  const __m512i wb = _mm512_permutexvar_epi8(idx, k.tb);
-  dpbusd(a, wa, xr);
-  dpbusd(b, wb, xi);
-  dpbusd(c, wa, xi);
-  dpbusd(d, wb, xr);
+// Code p of a chunk's bytes `raw` (raw3 = raw >> 6 per 16-bit word: code 3 in the low bits) as wA+1, wB+1.
+template <int P>
+__attribute__((always_inline)) inline void decode(const Tables& k, __m512i raw, __m512i raw3, __m512i& wa, __m512i& wb) {
+  const __m512i idx = P == 3 ? raw3 : raw;
+  wa = _mm512_permutexvar_epi8(idx, k.ta[P == 3 ? 0 : P]);
+  wb = _mm512_permutexvar_epi8(idx, k.tb[P == 3 ? 0 : P]);
 }
 
-// The row's [A, B, C, D] from its accumulated A', B', C', D': the last nbytes % 16 bytes added by tail_sums,
-// minus Σq_r, Σq_i, Σq_i, Σq_r. The lanes may wrap (see the top), the exact result does not.
-inline void store_one_token(const Int8Problem& p, const Tables& k, int64_t r, int64_t t, int64_t full, __m512i a,
-                            __m512i b, __m512i c, __m512i d) {
-  const uint8_t* row = p.packed + r * p.nbytes;
-  const int8_t* q = p.q + t * 2 * p.in_pad;
+// One row's chunk at one token: code p of its 64 bytes against activation vector p (q_r at xr, q_i at xi, the
+// chunk's 256 bytes each), four vpdpbusd per p into the row's four accumulators.
+template <int P>
+__attribute__((always_inline)) inline void one_token_pos(const Tables& k, __m512i raw, __m512i raw3, const int8_t* xr,
+                                                         const int8_t* xi, __m512i& a, __m512i& b, __m512i& c,
+                                                         __m512i& d) {
+  __m512i wa, wb;
+  decode<P>(k, raw, raw3, wa, wb);
+  const __m512i vr = _mm512_load_si512(xr + 64 * P), vi = _mm512_load_si512(xi + 64 * P);
+  dpbusd(a, wa, vr);
+  dpbusd(b, wb, vi);
+  dpbusd(c, wa, vi);
+  dpbusd(d, wb, vr);
+}
+
+__attribute__((always_inline)) inline void one_token_chunk(const Tables& k, __m512i raw, const int8_t* xr,
+                                                           const int8_t* xi, __m512i& a, __m512i& b, __m512i& c,
+                                                           __m512i& d) {
+  const __m512i raw3 = _mm512_srli_epi16(raw, 6);
+  one_token_pos<0>(k, raw, raw3, xr, xi, a, b, c, d);
+  one_token_pos<1>(k, raw, raw3, xr, xi, a, b, c, d);
+  one_token_pos<2>(k, raw, raw3, xr, xi, a, b, c, d);
+  one_token_pos<3>(k, raw, raw3, xr, xi, a, b, c, d);
+}
+
+// The row's [A, B, C, D] from its accumulated A', B', C', D': minus Σq_r, Σq_i, Σq_i, Σq_r. The lanes may
+// wrap (see the top), the exact result does not.
+inline void store_one_token(const Int8Problem& p, int64_t r, int64_t t, __m512i a, __m512i b, __m512i c, __m512i d) {
   const int32_t sr = p.qsum[2 * t], si = p.qsum[2 * t + 1];
-  __m128i total = reduce4(a, b, c, d);
-  if (full * 16 < p.nbytes) total = _mm_add_epi32(total, tail_sums(p, k, row, full, q));
   _mm_storeu_si128(reinterpret_cast<__m128i*>(p.sums + (t * p.out + r) * 4),
-                   _mm_sub_epi32(total, _mm_setr_epi32(sr, si, si, sr)));
+                   _mm_sub_epi32(reduce4(a, b, c, d), _mm_setr_epi32(sr, si, si, sr)));
 }
 
-// One token, four rows starting at r (the decode case): full 16-byte steps in a plain loop, the masked tail
-// step added by store_one_token.
+// One token, four rows starting at r (the decode case): full chunks in a plain loop, then the masked last one.
 inline void one_token_4rows(const Int8Problem& p, const Tables& k, int64_t r, int64_t t) {
   const __m512i z = _mm512_setzero_si512();
   __m512i a0 = z, b0 = z, c0 = z, d0 = z, a1 = z, b1 = z, c1 = z, d1 = z;
@@ -120,18 +152,28 @@ inline void one_token_4rows(const Int8Problem& p, const Tables& k, int64_t r, in
   const uint8_t* row3 = row2 + p.nbytes;
   const int8_t* qr = p.q + t * 2 * p.in_pad;
   const int8_t* qi = qr + p.in_pad;
-  const int64_t full = p.nbytes / 16;
+  const int64_t full = p.nbytes / kChunk;
   for (int64_t s = 0; s < full; ++s) {
-    const __m512i xr = _mm512_loadu_si512(qr + 64 * s), xi = _mm512_loadu_si512(qi + 64 * s);
-    one_token_step(k, row0 + 16 * s, xr, xi, a0, b0, c0, d0);
-    one_token_step(k, row1 + 16 * s, xr, xi, a1, b1, c1, d1);
-    one_token_step(k, row2 + 16 * s, xr, xi, a2, b2, c2, d2);
-    one_token_step(k, row3 + 16 * s, xr, xi, a3, b3, c3, d3);
+    const int8_t* xr = qr + 4 * kChunk * s;
+    const int8_t* xi = qi + 4 * kChunk * s;
+    one_token_chunk(k, _mm512_loadu_si512(row0 + kChunk * s), xr, xi, a0, b0, c0, d0);
+    one_token_chunk(k, _mm512_loadu_si512(row1 + kChunk * s), xr, xi, a1, b1, c1, d1);
+    one_token_chunk(k, _mm512_loadu_si512(row2 + kChunk * s), xr, xi, a2, b2, c2, d2);
+    one_token_chunk(k, _mm512_loadu_si512(row3 + kChunk * s), xr, xi, a3, b3, c3, d3);
   }
-  store_one_token(p, k, r, t, full, a0, b0, c0, d0);
-  store_one_token(p, k, r + 1, t, full, a1, b1, c1, d1);
-  store_one_token(p, k, r + 2, t, full, a2, b2, c2, d2);
-  store_one_token(p, k, r + 3, t, full, a3, b3, c3, d3);
+  if (full * kChunk < p.nbytes) {
+    const int8_t* xr = qr + 4 * kChunk * full;
+    const int8_t* xi = qi + 4 * kChunk * full;
+    one_token_chunk(k, load_chunk(row0, full, p.nbytes), xr, xi, a0, b0, c0, d0);
+    one_token_chunk(k, load_chunk(row1, full, p.nbytes), xr, xi, a1, b1, c1, d1);
+    one_token_chunk(k, load_chunk(row2, full, p.nbytes), xr, xi, a2, b2, c2, d2);
+    one_token_chunk(k, load_chunk(row3, full, p.nbytes), xr, xi, a3, b3, c3, d3);
+  }
+  // the four rows' [A, B, C, D] are 16 consecutive int32 of sums: one reduction tree, one store
+  const int32_t sr = p.qsum[2 * t], si = p.qsum[2 * t + 1];
+  const __m512i q = _mm512_setr_epi32(sr, si, si, sr, sr, si, si, sr, sr, si, si, sr, sr, si, si, sr);
+  _mm512_storeu_si512(p.sums + (t * p.out + r) * 4,
+                      _mm512_sub_epi32(reduce16(a0, b0, c0, d0, a1, b1, c1, d1, a2, b2, c2, d2, a3, b3, c3, d3), q));
 }
 
 // One token, one row (the rows left over by one_token_4rows).
@@ -141,17 +183,48 @@ inline void one_token_1row(const Int8Problem& p, const Tables& k, int64_t r, int
   const uint8_t* row = p.packed + r * p.nbytes;
   const int8_t* qr = p.q + t * 2 * p.in_pad;
   const int8_t* qi = qr + p.in_pad;
-  const int64_t full = p.nbytes / 16;
-  for (int64_t s = 0; s < full; ++s)
-    one_token_step(k, row + 16 * s, _mm512_loadu_si512(qr + 64 * s), _mm512_loadu_si512(qi + 64 * s), a, b, c, d);
-  store_one_token(p, k, r, t, full, a, b, c, d);
+  const int64_t chunks = (p.nbytes + kChunk - 1) / kChunk;
+  for (int64_t s = 0; s < chunks; ++s)
+    one_token_chunk(k, load_chunk(row, s, p.nbytes), qr + 4 * kChunk * s, qi + 4 * kChunk * s, a, b, c, d);
+  store_one_token(p, r, t, a, b, c, d);
 }
 
-// Groups of NT >= 2 tokens (one row, NT = 4 or 3; two rows, NT = 2): the masked tail step stays in the loop.
-// Measured faster at 2-128 tokens than the split loop of one_token_4rows (GCC allocates the two differently).
+// Groups of NT >= 2 tokens (one row, NT = 4 or 3; two rows, NT = 2): the masked last chunk stays in the loop.
+// With NT = 4 the tables are read from memory (vpermb's table operand): the sixteen accumulators, eight
+// activation vectors and six tables did not fit in 32 registers, and GCC spilled 23 values a chunk (4 tokens
+// ran 25 % slower than the previous kernel).
+template <int P>
+__attribute__((always_inline)) inline void decode_mem(const Tables& k, __m512i raw, __m512i raw3, __m512i& wa,
+                                                      __m512i& wb) {
+  const __m512i idx = P == 3 ? raw3 : raw;
+  asm("vpermb %2, %1, %0" : "=v"(wa) : "v"(idx), "m"(k.ta[P == 3 ? 0 : P]));
+  asm("vpermb %2, %1, %0" : "=v"(wb) : "v"(idx), "m"(k.tb[P == 3 ? 0 : P]));
+}
+
+template <int R, int NT, int P>
+__attribute__((always_inline)) inline void rows_tokens_pos(const Tables& k, const __m512i (&raw)[R],
+                                                           const __m512i (&raw3)[R], const int8_t* const (&qr)[NT],
+                                                           int64_t in_pad, int64_t off, __m512i (&acc)[R][NT][4]) {
+  for (int i = 0; i < R; ++i) {
+    __m512i wa, wb;
+    if constexpr (NT == 4)
+      decode_mem<P>(k, raw[i], raw3[i], wa, wb);
+    else
+      decode<P>(k, raw[i], raw3[i], wa, wb);
+    for (int t = 0; t < NT; ++t) {
+      const __m512i xr = _mm512_load_si512(qr[t] + off + 64 * P);
+      const __m512i xi = _mm512_load_si512(qr[t] + in_pad + off + 64 * P);
+      dpbusd(acc[i][t][0], wa, xr);
+      dpbusd(acc[i][t][1], wb, xi);
+      dpbusd(acc[i][t][2], wa, xi);
+      dpbusd(acc[i][t][3], wb, xr);
+    }
+  }
+}
+
 template <int R, int NT>
 inline void rows_tokens(const Int8Problem& p, const Tables& k, int64_t r, int64_t t0) {
-  const int64_t steps = p.in_pad / 64;
+  const int64_t chunks = (p.nbytes + kChunk - 1) / kChunk;
   __m512i acc[R][NT][4];
   for (int i = 0; i < R; ++i)
     for (int t = 0; t < NT; ++t)
@@ -160,35 +233,20 @@ inline void rows_tokens(const Int8Problem& p, const Tables& k, int64_t r, int64_
   for (int i = 0; i < R; ++i) row[i] = p.packed + (r + i) * p.nbytes;
   const int8_t* qr[NT];
   for (int t = 0; t < NT; ++t) qr[t] = p.q + (t0 + t) * 2 * p.in_pad;
-  for (int64_t s = 0; s < steps; ++s) {
-    const int64_t left = p.nbytes - 16 * s;
-    __m512i xr[NT], xi[NT];
-    for (int t = 0; t < NT; ++t) {
-      xr[t] = _mm512_loadu_si512(qr[t] + 64 * s);
-      xi[t] = _mm512_loadu_si512(qr[t] + p.in_pad + 64 * s);
-    }
+  for (int64_t s = 0; s < chunks; ++s) {
+    __m512i raw[R], raw3[R];
     for (int i = 0; i < R; ++i) {
-      const __m512i idx = _mm512_srlv_epi64(load16(row[i] + 16 * s, left), k.shifts);
-      const __m512i wa = _mm512_permutexvar_epi8(idx, k.ta);
-      const __m512i wb = _mm512_permutexvar_epi8(idx, k.tb);
-      for (int t = 0; t < NT; ++t) {
-        acc[i][t][0] = _mm512_dpbusd_epi32(acc[i][t][0], wa, xr[t]);
-        acc[i][t][1] = _mm512_dpbusd_epi32(acc[i][t][1], wb, xi[t]);
-        acc[i][t][2] = _mm512_dpbusd_epi32(acc[i][t][2], wa, xi[t]);
-        acc[i][t][3] = _mm512_dpbusd_epi32(acc[i][t][3], wb, xr[t]);
-      }
+      raw[i] = load_chunk(row[i], s, p.nbytes);
+      raw3[i] = _mm512_srli_epi16(raw[i], 6);
     }
+    const int64_t off = 4 * kChunk * s;
+    rows_tokens_pos<R, NT, 0>(k, raw, raw3, qr, p.in_pad, off, acc);
+    rows_tokens_pos<R, NT, 1>(k, raw, raw3, qr, p.in_pad, off, acc);
+    rows_tokens_pos<R, NT, 2>(k, raw, raw3, qr, p.in_pad, off, acc);
+    rows_tokens_pos<R, NT, 3>(k, raw, raw3, qr, p.in_pad, off, acc);
   }
   for (int i = 0; i < R; ++i)
-    for (int t = 0; t < NT; ++t) {
-      const int32_t sr = p.qsum[2 * (t0 + t)], si = p.qsum[2 * (t0 + t) + 1];
-      int32_t* dst = p.sums + ((t0 + t) * p.out + r + i) * 4;
-      // unsigned: the lanes may wrap (see the top), the exact result does not
-      dst[0] = static_cast<int32_t>(static_cast<uint32_t>(_mm512_reduce_add_epi32(acc[i][t][0])) - uint32_t(sr));
-      dst[1] = static_cast<int32_t>(static_cast<uint32_t>(_mm512_reduce_add_epi32(acc[i][t][1])) - uint32_t(si));
-      dst[2] = static_cast<int32_t>(static_cast<uint32_t>(_mm512_reduce_add_epi32(acc[i][t][2])) - uint32_t(si));
-      dst[3] = static_cast<int32_t>(static_cast<uint32_t>(_mm512_reduce_add_epi32(acc[i][t][3])) - uint32_t(sr));
-    }
+    for (int t = 0; t < NT; ++t) store_one_token(p, r + i, t0 + t, acc[i][t][0], acc[i][t][1], acc[i][t][2], acc[i][t][3]);
 }
 
 template <int R, int NT>
@@ -248,13 +306,14 @@ int32_t quantize_token(const float* x, int64_t in, int64_t in_pad, float a, int8
   // saturating packs (int32 -> int16 -> int8) are that clamp. Why packs: narrowing each 16 lanes with vpmovdb
   // and inserting them cost about 3x more (0.75 cycles an element). The packs interleave the four 16-float
   // quarters of a 64-block per 128-bit lane (byte 16·i + 4·k + j holds element 16·k + 4·i + j); one vpermb
-  // undoes that and puts the kernel's lane order. Σ q is summed from the int8 block by vpdpbusd with ones
-  // (|q| <= 128 and in <= kMaxInt8In: no overflow).
+  // undoes that and gathers the block's elements by position p = element % 4 into 16-byte lane p, and four
+  // 16-byte stores put lane p where the kernel reads vector p of the 256-element chunk (avx512_pos). Σ q is
+  // summed from the int8 block by vpdpbusd with ones (|q| <= 128 and in <= kMaxInt8In: no overflow).
   alignas(64) static const struct Order {
     uint8_t v[64];
     Order() {
       for (int l = 0; l < 64; ++l) {
-        const int e = avx512_elem(l);
+        const int e = 4 * (l % 16) + l / 16;  // element of the block for lane l / 16, slot l % 16
         v[l] = static_cast<uint8_t>(16 * ((e % 16) / 4) + 4 * (e / 16) + e % 4);
       }
     }
@@ -272,7 +331,12 @@ int32_t quantize_token(const float* x, int64_t in, int64_t in_pad, float a, int8
     const __m512i cd = _mm512_packs_epi32(quarter(b + 32), quarter(b + 48));
     const __m512i block = _mm512_packs_epi16(ab, cd);
     sum = _mm512_dpbusd_epi32(sum, ones, block);
-    _mm512_storeu_si512(dst + b, _mm512_permutexvar_epi8(perm, block));
+    const __m512i lanes = _mm512_permutexvar_epi8(perm, block);
+    int8_t* at = dst + (b & ~int64_t(255)) + 16 * ((b / 64) % 4);
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(at), _mm512_castsi512_si128(lanes));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(at + 64), _mm512_extracti32x4_epi32(lanes, 1));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(at + 128), _mm512_extracti32x4_epi32(lanes, 2));
+    _mm_storeu_si128(reinterpret_cast<__m128i*>(at + 192), _mm512_extracti32x4_epi32(lanes, 3));
   }
   return _mm512_reduce_add_epi32(sum);
 }

@@ -190,13 +190,24 @@ Int8RowsKernel int8_kernel() {
   return &int8_rows_portable;
 }
 
+// parallel_for, or a direct call when it would run one task anyway (one thread, or no more than one grain):
+// torch_parallel_for costs about 1,900 instructions a call, a fixed cost a one-token decode pays per linear.
+template <class F>
+void parallel_rows(int64_t begin, int64_t end, int64_t grain, const F& f) {
+  if (end - begin <= grain || torch::stable::get_num_threads() <= 1) {
+    if (begin < end) f(begin, end);
+    return;
+  }
+  torch::stable::parallel_for(begin, end, grain, f);
+}
+
 // Per-token int8 quantization of both parts into q (T, 2, in_pad), zero padded, in the kernel's lane order;
 // a (T, 2) = [a_r, a_i] and qsum (T, 2) = [Σ q_r, Σ q_i]. A part holding a NaN or ±Inf gets a = NaN and q = 0,
 // so the token's outputs, which all divide by both a_r and a_i, are NaN.
 template <typename T>
 void quantize_acts(const T* xr, const T* xi, int64_t Tn, int64_t in, int64_t in_pad, bool lanes512, int8_t* q,
                    float* a_out, int32_t* qsum) {
-  torch::stable::parallel_for(0, Tn, 64, [&](int64_t t0, int64_t t1) {
+  parallel_rows(0, Tn, 64, [&](int64_t t0, int64_t t1) {
     for (int64_t t = t0; t < t1; ++t)
       for (int part = 0; part < 2; ++part) {
         const T* x = (part == 0 ? xr : xi) + t * in;
@@ -238,7 +249,7 @@ void quantize_acts(const T* xr, const T* xi, int64_t Tn, int64_t in, int64_t in_
           const float r = std::nearbyint(static_cast<float>(x[j]) * a);
           const int32_t v = static_cast<int32_t>(r < -128.f ? -128.f : (r > 127.f ? 127.f : r));
           sum += v;
-          const int64_t at = lanes512 ? (j & ~int64_t(63)) + avx512_lane(static_cast<int>(j & 63)) : j;
+          const int64_t at = lanes512 ? avx512_pos(j) : j;
           dst[at] = static_cast<int8_t>(v);
         }
         a_out[k] = a;
@@ -262,35 +273,73 @@ struct AlignedDelete {
   void operator()(int8_t* p) const { ::operator delete[](p, std::align_val_t(kActAlign)); }
 };
 
+// The W2A8 call's scratch (int8 activations, their scales and sums, the int32 row sums), kept per thread
+// between calls while small: allocating and freeing it was about 1,000 instructions of a decode call's fixed
+// cost. A prefill-sized request gets its own buffers, freed at the end of the call.
+struct W2A8Scratch {
+  static constexpr size_t kKeep = size_t(1) << 20;  // bytes kept per thread
+  std::unique_ptr<int8_t[], AlignedDelete> q;
+  size_t q_cap = 0;
+  std::unique_ptr<int32_t[]> sums;
+  size_t sums_cap = 0;
+  std::vector<float> a;
+  std::vector<int32_t> qsum;
+};
+
+class ScratchLease {
+ public:
+  ScratchLease(size_t q_bytes, size_t sums_n, size_t tokens2) {
+    static thread_local W2A8Scratch kept;
+    const bool small = q_bytes <= W2A8Scratch::kKeep && sums_n * sizeof(int32_t) <= W2A8Scratch::kKeep;
+    s_ = small ? &kept : &own_;
+    if (s_->q_cap < q_bytes) {
+      s_->q.reset(static_cast<int8_t*>(::operator new[](q_bytes, std::align_val_t(kActAlign))));
+      s_->q_cap = q_bytes;
+    }
+    if (s_->sums_cap < sums_n) {
+      s_->sums.reset(new int32_t[sums_n]);
+      s_->sums_cap = sums_n;
+    }
+    s_->a.resize(tokens2);
+    s_->qsum.resize(tokens2);
+  }
+  W2A8Scratch& operator*() { return *s_; }
+  W2A8Scratch* operator->() { return s_; }
+
+ private:
+  W2A8Scratch own_;
+  W2A8Scratch* s_;
+};
+
 // W2A8 of every linear in `ls` on the same x: the activations are quantized once.
 template <typename T>
 void linear_w2a8(int64_t Tn, int64_t in, const T* xr, const T* xi, const std::vector<Linear<T>>& ls) {
   const bool lanes512 = isa() == Isa::kAvx512;
   const int64_t pad = lanes512 ? kActPadAvx512 : kActPad;
   const int64_t in_pad = (in + pad - 1) / pad * pad;
-  // q and sums are written in full before they are read: left uninitialized (zeroing sums was 0.3 us a call).
-  // q is 64-byte aligned, so that the AVX-512 kernel's 64-byte activation loads never straddle cache lines.
-  const std::unique_ptr<int8_t[], AlignedDelete> q(static_cast<int8_t*>(
-      ::operator new[](static_cast<size_t>(Tn * 2 * in_pad), std::align_val_t(kActAlign))));
-  std::vector<float> a(static_cast<size_t>(Tn * 2));
-  std::vector<int32_t> qsum(static_cast<size_t>(Tn * 2));
-  quantize_acts(xr, xi, Tn, in, in_pad, lanes512, q.get(), a.data(), qsum.data());
-  static const Int8RowsKernel kernel = int8_kernel();
   int64_t most = 0;
   for (const Linear<T>& l : ls) most = std::max(most, l.out);
-  const std::unique_ptr<int32_t[]> sums(new int32_t[static_cast<size_t>(Tn * most * 4)]);
+  // q and sums are written in full before they are read: left uninitialized (zeroing sums was 0.3 us a call).
+  // q is 64-byte aligned, so that the AVX-512 kernel's 64-byte activation loads never straddle cache lines.
+  ScratchLease scratch(static_cast<size_t>(Tn * 2 * in_pad), static_cast<size_t>(Tn * most * 4),
+                       static_cast<size_t>(Tn * 2));
+  int8_t* const q = scratch->q.get();
+  int32_t* const sums_p = scratch->sums.get();
+  const float* const a = scratch->a.data();
+  quantize_acts(xr, xi, Tn, in, in_pad, lanes512, q, scratch->a.data(), scratch->qsum.data());
+  static const Int8RowsKernel kernel = int8_kernel();
   for (const Linear<T>& l : ls) {
-    const Int8Problem p{l.packed, l.nbytes, l.out, q.get(), in_pad, Tn, sums.get(), qsum.data()};
+    const Int8Problem p{l.packed, l.nbytes, l.out, q, in_pad, Tn, sums_p, scratch->qsum.data()};
     // about in·T int8 operations a row; keep tasks large enough to amortize the pool
     const int64_t grain = std::max<int64_t>(8, (int64_t(1) << 16) / std::max<int64_t>(1, in * Tn));
     const double sr = l.s_re, si = l.s_im;
-    torch::stable::parallel_for(0, l.out, grain, [&](int64_t r0, int64_t r1) {
+    parallel_rows(0, l.out, grain, [&](int64_t r0, int64_t r1) {
       kernel(p, r0, r1);
       for (int64_t t = 0; t < Tn; ++t) {  // this task's rows of every token, while their sums are in cache
         const double ar = a[2 * t], ai = a[2 * t + 1];
         T* yr = l.yr + t * l.out;
         T* yi = l.yi + t * l.out;
-        const int32_t* s = &sums[t * l.out * 4];
+        const int32_t* s = &sums_p[t * l.out * 4];
 #if defined(LOWRANK_HAVE_AVX512_TU)
         if constexpr (std::is_same_v<T, float>) {
           if (lanes512) {

@@ -8,8 +8,9 @@
 // so that y_re = s_re·A/a_r + s_im·B/a_i and y_im = -s_re·C/a_i + s_im·D/a_r.
 // Int8 activations: q + t·2·in_pad holds q_r of token t (in_pad int8, zero beyond in), then q_i. in_pad is a
 // multiple of 32; the packed rows are read only within their nbytes = ceil(in/4) bytes. The AVX-512 kernel
-// wants in_pad a multiple of 64, each block of 64 activations in its lane order (element avx512_elem(l) in
-// byte l) and qsum[2t + 0/1] = Σ q_r, Σ q_i of token t.
+// wants in_pad a multiple of 256, element j of a token part at byte avx512_pos(j) (in each 256-element chunk,
+// the 64 elements 4i + p at bytes 64p + i: what one 64-byte chunk of a packed row multiplies, code p of byte i)
+// and qsum[2t + 0/1] = Σ q_r, Σ q_i of token t.
 #pragma once
 #include <cstdint>
 
@@ -17,12 +18,10 @@ namespace lowrank {
 namespace ifairy {
 
 constexpr int64_t kActPad = 32;
-constexpr int64_t kActPadAvx512 = 64;
+constexpr int64_t kActPadAvx512 = 256;
 
-// The element of a 64-block held by byte lane l of the AVX-512 kernel (see ifairy_avx512.cpp), and back.
-// Byte lane l = 16·L + 8·h + b holds code L of packed byte 8·h + b of the 16 (h: which qword of lane L).
-constexpr int avx512_elem(int l) { return 32 * ((l / 8) % 2) + 4 * (l % 8) + l / 16; }
-constexpr int avx512_lane(int e) { return 16 * (e % 4) + 8 * (e / 32) + (e % 32) / 4; }
+// Where the AVX-512 kernel wants element j of a token part's activations (see ifairy_avx512.cpp).
+constexpr int64_t avx512_pos(int64_t j) { return (j & ~int64_t(255)) + 64 * (j % 4) + (j % 256) / 4; }
 
 struct Int8Problem {
   const uint8_t* packed;
