@@ -2,12 +2,14 @@
 code names and shapes it, loaded with PhaseQuant, checked against the official forward written here from the
 latent tensors) and the GGUF export in ifairy.cpp's IFAIRY block type (written with the gguf package, read back
 with gguf.GGUFReader, blocks decoded and compared code for code; the byte positions checked against the layout
-of ifairy.cpp's ggml-quants.c written out independently below).
+of ifairy.cpp's ggml-quants.c written out independently below; a padded FFN checked to compute our MLP's function
+by an emulation of ifairy.cpp's FFN on the file's tensors).
 """
 from __future__ import annotations
 
 import json
 import math
+import warnings
 
 import numpy as np
 import pytest
@@ -222,10 +224,12 @@ def test_ifairy_block_bytes_follow_ggml_layout():
         ifairy_blocks(IFairyLinear(5460, 4))
 
 
-def tiny_gguf_model(seed=0) -> IFairyForCausalLM:
+def tiny_gguf_model(seed=0, **overrides) -> IFairyForCausalLM:
+    """Random, with what ifairy.cpp computes: softmax scale 1/√head_dim (64 here), RoPE base 10000."""
     torch.manual_seed(seed)
-    model = IFairyForCausalLM(IFairyConfig(hidden_size=256, intermediate_size=512, num_heads=4, num_key_value_heads=2,
-                                           vocab_size=48, num_hidden_layers=2, max_position_embeddings=128))
+    cfg = dict(hidden_size=256, intermediate_size=512, num_heads=4, num_key_value_heads=2, vocab_size=48,
+               num_hidden_layers=2, max_position_embeddings=128, attention_scale=1 / 8)
+    model = IFairyForCausalLM(IFairyConfig(**{**cfg, **overrides}))
     with torch.no_grad():
         for name, p in model.named_parameters():
             if "weight_real" in name or "weight_imag" in name:
@@ -289,11 +293,7 @@ def test_gguf_round_trip_model(tmp_path):
     model = tiny_gguf_model()
     export_ifairy_gguf(model, tmp_path / "m.gguf")
     back = load_ifairy_gguf(tmp_path / "m.gguf")
-    with torch.no_grad():
-        for layer in (m for m in model.modules() if isinstance(m, IFairyLinear)):
-            layer.scales.copy_(layer.scales.half().float())
-        for emb in (model.token_embeddings_real, model.token_embeddings_imag):
-            emb.weight.copy_(emb.weight.bfloat16().float())
+    as_in_file(model)
     ours, theirs = model.state_dict(), back.state_dict()
     assert set(ours) == set(theirs)
     for key in ours:
@@ -303,8 +303,156 @@ def test_gguf_round_trip_model(tmp_path):
         assert torch.equal(back(ids), model(ids))
 
 
-def test_gguf_export_refuses_rows_not_a_multiple_of_256(tmp_path):
-    model = IFairyForCausalLM(IFairyConfig(hidden_size=256, intermediate_size=300, num_heads=4, vocab_size=8,
+def as_in_file(model):
+    """``model`` with its scales rounded to fp16 and embeddings to bf16, as the GGUF holds them."""
+    with torch.no_grad():
+        for layer in (m for m in model.modules() if isinstance(m, IFairyLinear)):
+            layer.scales.copy_(layer.scales.half().float())
+        for emb in (model.token_embeddings_real, model.token_embeddings_imag):
+            emb.weight.copy_(emb.weight.bfloat16().float())
+    return model
+
+
+def unpacked(layer):
+    return torch.stack([(layer.packed.long() >> (2 * j)) & 3 for j in range(4)], -1).flatten(1)[:, :layer.in_features]
+
+
+def test_gguf_padded_ffn_header_and_tensors(tmp_path):
+    """intermediate_size 300 -> 512 in the file: extra gate/up rows with zero scales in every block, extra down
+    columns, ffn_sub_norm weights times √(300/512) and zero-padded, the true width recorded."""
+    model = tiny_gguf_model(intermediate_size=300, num_hidden_layers=1)
+    export_ifairy_gguf(model, tmp_path / "p.gguf")
+    reader = read_ifairy_gguf(tmp_path / "p.gguf")
+    assert reader.fields["ifairy.feed_forward_length"].contents() == 512
+    assert reader.fields["lowrank.ifairy.intermediate_size"].contents() == 300
+    tensors = {t.name: t for t in reader.tensors}
+    mlp = model.layer[0].mlp
+    for theirs, layer in (("ffn_gate", mlp.gate_proj), ("ffn_up", mlp.up_proj)):
+        t = tensors[f"blk.0.{theirs}"]
+        assert list(t.shape) == [256, 512]
+        codes, scales = ifairy_codes_from_blocks(np.array(t.data), 256)
+        assert np.array_equal(codes[:300], unpacked(layer).numpy())
+        assert (scales[:300] == layer.scales.half().numpy()).all() and (scales[300:] == 0).all(), theirs
+    t = tensors["blk.0.ffn_down"]
+    assert list(t.shape) == [512, 256]
+    codes, scales = ifairy_codes_from_blocks(np.array(t.data), 512)
+    assert np.array_equal(codes[:, :300], unpacked(mlp.down_proj).numpy())
+    assert (scales == mlp.down_proj.scales.half().numpy()).all()
+    sub = np.array(tensors["blk.0.ffn_sub_norm"].data)
+    factor = math.sqrt(300 / 512)
+    assert sub.shape == (1024,)
+    for part, w in ((0, mlp.ffn_layernorm.weight_real), (512, mlp.ffn_layernorm.weight_imag)):
+        assert np.array_equal(sub[part:part + 300], (w.detach().double() * factor).float().numpy())
+        assert (sub[part + 300:part + 512] == 0).all()
+    attn_sub = np.array(tensors["blk.0.attn_sub_norm"].data)  # hidden-sized norms are not touched
+    assert attn_sub.shape == (512,) and attn_sub[0] == model.layer[0].self_attn.attn_layernorm.weight_real[0].item()
+
+
+def ifairy_cpp_ffn(tensors, eps, xr, xi, sub_norm_factor=1.0):
+    """ifairy.cpp's FFN on the file's tensors, float64: every IFAIRY block dequantized with its own scales (as
+    every ifairy.cpp consumer does), the RMS norm over the file's width with the file's ffn_sub_norm weights
+    (times ``sub_norm_factor``). The complex arithmetic is our model's (y = W·conj(x), ReLU² gate,
+    conj(g) ⊙ up): this checks the padding, not ifairy.cpp's complex conventions."""
+    def weight(name):
+        blocks = np.array(tensors[name].data)
+        codes, scales = ifairy_codes_from_blocks(blocks, blocks.shape[1] // 68 * 256)
+        c = torch.from_numpy(codes.astype(np.int64))
+        d = torch.from_numpy(scales.astype(np.float64)).repeat_interleave(256, 1)  # (out, in, 2): block scales
+        return d[..., 0] * ((c == 1).double() - (c == 0).double()), d[..., 1] * ((c == 3).double() - (c == 2).double())
+
+    def linear(name, xr, xi):
+        wr, wi = weight(name)
+        return xr @ wr.T + xi @ wi.T, xr @ wi.T - xi @ wr.T
+
+    gr, gi = linear("blk.0.ffn_gate", xr, xi)
+    keep = ~((gr < 0) & (gi < 0))
+    gr, gi = (gr * keep) ** 2, (gi * keep) ** 2
+    ur, ui = linear("blk.0.ffn_up", xr, xi)
+    hr, hi = gr * ur + gi * ui, gr * ui - gi * ur
+    w = torch.from_numpy(np.array(tensors["blk.0.ffn_sub_norm"].data)).double() * sub_norm_factor
+    inv = torch.rsqrt((hr ** 2 + hi ** 2).mean(-1, keepdim=True) + eps)
+    return linear("blk.0.ffn_down", w[:w.numel() // 2] * hr * inv, w[w.numel() // 2:] * hi * inv)
+
+
+def test_gguf_padded_ffn_computes_our_mlp(tmp_path):
+    """The padded FFN as ifairy.cpp runs it (emulated in float64 on the file's tensors) is our MLP with eps
+    scaled by F_pad/F, up to float32 rounding of the sub-norm weights; without the √(F/F_pad) on them it would
+    not be."""
+    model = as_in_file(tiny_gguf_model(intermediate_size=300, num_hidden_layers=1, act_quant=False))
+    export_ifairy_gguf(model, tmp_path / "p.gguf")
+    tensors = {t.name: t for t in read_ifairy_gguf(tmp_path / "p.gguf").tensors}
+    mlp = model.layer[0].mlp.double()
+    eps = mlp.ffn_layernorm.eps
+    g = torch.Generator().manual_seed(1)
+    xr, xi = torch.randn(2, 3, 256, dtype=torch.float64, generator=g), torch.randn(2, 3, 256, dtype=torch.float64,
+                                                                                   generator=g)
+    theirs = torch.cat(ifairy_cpp_ffn(tensors, eps, xr, xi), -1)
+
+    def ours(eps):
+        mlp.ffn_layernorm.eps = eps
+        with torch.no_grad():
+            return torch.cat(mlp(xr, xi), -1)
+
+    def rel(a, b):
+        return ((a - b).abs().max() / b.abs().max()).item()
+
+    exact, plain = rel(theirs, ours(eps * 512 / 300)), rel(theirs, ours(eps))
+    naive = rel(torch.cat(ifairy_cpp_ffn(tensors, eps, xr, xi, math.sqrt(512 / 300)), -1), ours(eps))
+    print(f"padded FFN vs ours: eps*F_pad/F {exact:.1e}, eps {plain:.1e}, without the sub-norm factor {naive:.1e}")
+    # exact: only the float32 rounding of the file's w·√(F/F_pad); plain: the eps change
+    assert exact <= 2.5e-7 and plain <= 1e-5 and naive > 0.1
+
+
+@pytest.mark.parametrize("act_quant,tol", [(False, 1e-5), (True, 2e-3)], ids=["f32", "W2A8"])
+def test_gguf_padded_round_trip(tmp_path, act_quant, tol):
+    """A padded file loads back to the model (codes and scales equal; ffn_layernorm within float32 rounding)."""
+    model = as_in_file(tiny_gguf_model(intermediate_size=300, act_quant=act_quant))
+    export_ifairy_gguf(model, tmp_path / "p.gguf")
+    back = load_ifairy_gguf(tmp_path / "p.gguf", act_quant=act_quant)
+    assert back.config.intermediate_size == 300
+    ours, theirs = model.state_dict(), back.state_dict()
+    assert set(ours) == set(theirs)
+    for key in ours:
+        if "ffn_layernorm" in key:
+            torch.testing.assert_close(theirs[key], ours[key], rtol=2.5e-7, atol=0, msg=key)
+        else:
+            assert torch.equal(ours[key], theirs[key]), key
+    ids = torch.randint(0, 48, (1, 5))
+    with torch.inference_mode():
+        got, want = back(ids), model(ids)
+    assert ((got - want).abs().max() / want.abs().max()).item() <= tol
+
+
+def test_gguf_f16_head(tmp_path):
+    model = tiny_gguf_model(num_hidden_layers=1)
+    export_ifairy_gguf(model, tmp_path / "h.gguf", output_dtype="f16")
+    head = {t.name: t for t in read_ifairy_gguf(tmp_path / "h.gguf").tensors}["output"]
+    assert np.array(head.data).dtype == np.float16
+    back = load_ifairy_gguf(tmp_path / "h.gguf")
+    assert torch.equal(back.lm_head.weight, model.lm_head.weight.detach().half().float())
+    with pytest.raises(ValueError, match="output_dtype"):
+        export_ifairy_gguf(model, tmp_path / "x.gguf", output_dtype="bf16")
+
+
+def test_gguf_export_refuses_hidden_size_and_mismatched_models(tmp_path):
+    model = IFairyForCausalLM(IFairyConfig(hidden_size=320, intermediate_size=512, num_heads=4, vocab_size=8,
                                            num_hidden_layers=1))
-    with pytest.raises(ValueError, match="down_proj"):
+    with pytest.raises(ValueError, match="export_ifairy_gguf: hidden_size 320"):
         export_ifairy_gguf(model, tmp_path / "x.gguf")
+    model = tiny_gguf_model(num_hidden_layers=1)
+    model.config.intermediate_size = 300  # the layers are 512 wide
+    with pytest.raises(ValueError, match="does not match its config.*down_proj"):
+        export_ifairy_gguf(model, tmp_path / "x.gguf")
+    assert not (tmp_path / "x.gguf").exists()
+
+
+def test_gguf_export_warns_where_ifairy_cpp_differs(tmp_path):
+    """ifairy.cpp ignores attention.scale (uses 1/√head_dim) and rope.freq_base (uses 10000)."""
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        export_ifairy_gguf(tiny_gguf_model(num_hidden_layers=1), tmp_path / "ok.gguf")
+    trained = tiny_gguf_model(num_hidden_layers=1, attention_scale=None)  # 1/√(2·head_dim), as trained
+    with pytest.warns(UserWarning, match="softmax scale is 0.0883883.*1/sqrt\\(head_dim\\) = 0.125"):
+        export_ifairy_gguf(trained, tmp_path / "a.gguf")
+    with pytest.warns(UserWarning, match="rope_theta is 500000.*uses 10000"):
+        export_ifairy_gguf(tiny_gguf_model(num_hidden_layers=1, rope_theta=5e5), tmp_path / "r.gguf")

@@ -9,7 +9,8 @@ weight ``(out, in)``, ``in`` a multiple of 256, one 68-byte block per 256 weight
 
 Weight ``idx`` (0..255) of a block sits in ``qs[(idx / 64) * 16 + idx % 16]`` at bits ``2 * ((idx / 16) % 4)``,
 with the codes of our format (0 = −1, 1 = +1, 2 = −i, 3 = +i); ``d_real`` / ``d_imag`` are the per-tensor scales
-``s_re`` / ``s_im`` in fp16, repeated in every block (its dot product reads the first block's).
+``s_re`` / ``s_im`` in fp16, repeated in every block (its CPU dot product reads the first block's; the rows
+added by FFN padding, below, hold 0).
 
 **Type id.** The PyPI ``gguf`` package (0.19) does not know this type: upstream llama.cpp later gave id 40 to
 ``NVFP4`` (ifairy.cpp's own gguf-py calls 40 ``F16_I2``). We write the raw id 40 and the logical shape
@@ -20,20 +21,39 @@ the reader parses.
 **The rest of the file** follows ifairy.cpp's converter (``gguf-py/convert_ifairy.py``): architecture
 ``ifairy``, ``general.file_type`` 40 (its ``MOSTLY_IFAIRY``); ``token_embd`` is the real and imaginary
 embeddings as bf16 pairs in an F32 container (low 16 bits real, high 16 bits imaginary), ``(V, H)``;
-norm weights are F32 ``cat([real, imag])``; ``output`` is the F32 head ``(V, 2H)``. Tensor names are the fork's
+norm weights are F32 ``cat([real, imag])``; ``output`` is the head ``(V, 2H)``, F32 (``output_dtype="f16"``:
+F16, as ifairy.cpp's converter writes it). Tensor names and the four norms of a block are the fork's
 ``LLM_ARCH_IFAIRY`` list (``src/llama-arch.cpp``): ``token_embd``, ``output_norm``, ``output``,
 ``blk.N.{attn_norm, attn_q, attn_k, attn_v, attn_output, attn_sub_norm, ffn_norm, ffn_gate, ffn_up, ffn_down,
-ffn_sub_norm}``; the block's ``pre_layernorm`` / ``post_layernorm`` go to ``attn_norm`` / ``ffn_norm`` and the
-``attn_layernorm`` (before ``o_proj``) / ``ffn_layernorm`` (before ``down_proj``) to the two sub-norms, by role
-(the fork's HF-name mapping table was not available to check). We also write ``ifairy.attention.scale`` (the
-softmax scale; ifairy.cpp defaults to ``1/√head_dim``, the checkpoints were trained with ``1/√(2·head_dim)``).
+ffn_sub_norm}``; the block's ``pre_layernorm`` / ``post_layernorm`` go to ``attn_norm`` / ``ffn_norm``, the
+``attn_layernorm`` (before ``o_proj``) to ``attn_sub_norm`` and the ``ffn_layernorm`` (before ``down_proj``,
+width 2F) to ``ffn_sub_norm``.
 
-Not expressible: a linear whose ``in_features`` is not a multiple of 256 (the 1.3B model's ``down_proj``,
-in 5460) raises; ifairy.cpp's converter pads the FFN to 5632, which changes the ``ffn_layernorm`` statistics.
+**FFN padding.** Every IFAIRY routine of ifairy.cpp needs rows of a multiple of 256 weights, and its loader reads
+``feed_forward_length`` and wants exactly these tensors. When ``intermediate_size`` F is not a multiple of 256 (the
+1.3B model: 5460), the file holds the same function at width F_pad = ceil(F/256)·256 (5632): ``ffn_gate`` /
+``ffn_up`` get F_pad − F extra rows with ``d_real = d_imag = 0`` in every block (every ifairy.cpp consumer of
+IFAIRY blocks takes the scales from the row's own blocks, so those outputs are exactly 0, and ReLU²(0)·up = 0);
+``ffn_down`` gets F_pad − F extra input columns (any code: they meet zeros); ``ffn_sub_norm`` (RMS over the width
+it is given) sees S/F_pad instead of S/F of the F true values, so its first F real and imaginary weights are
+written times √(F/F_pad) and the padding weights as 0: ifairy.cpp then computes h·w / √(S/F + eps·F_pad/F), our
+``ffn_layernorm`` with eps times F_pad/F (1.03 for the 1.3B model). ``feed_forward_length`` is F_pad;
+``lowrank.ifairy.intermediate_size`` records F, from which :func:`load_ifairy_gguf` undoes the padding. A hidden
+size that is not a multiple of 256 cannot be padded this way (embeddings, norms and the head would change) and
+raises.
+
+**What ifairy.cpp reads differently.** We write ``ifairy.attention.scale`` (our softmax scale) and
+``ifairy.rope.freq_base``, but ifairy.cpp ignores both: its softmax scale is always ``1/√head_dim`` (complex
+head dim, hidden/heads; the released checkpoints were trained at ``1/√(2·head_dim)``, our default) and its RoPE
+base is hard-coded 10000; export warns when the model differs, because ifairy.cpp then computes a different
+model. Its activation quantization is per 256-block (absmax to 127, real and imaginary parts separately), ours
+per token, so its results are close to ours, not bit-identical.
 """
 from __future__ import annotations
 
 import contextlib
+import math
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -41,6 +61,7 @@ import torch
 
 from lowrank.nn.ifairy import IFairyLinear
 from lowrank.nn.ifairy_model import IFairyForCausalLM
+from lowrank.reference.ifairy import ifairy_pack_codes
 
 __all__ = ["IFAIRY_TYPE", "ifairy_blocks", "ifairy_codes_from_blocks", "export_ifairy_gguf", "read_ifairy_gguf",
            "load_ifairy_gguf"]
@@ -49,6 +70,8 @@ IFAIRY_TYPE = 40        # ifairy.cpp GGML_TYPE_IFAIRY
 IFAIRY_FILE_TYPE = 40   # ifairy.cpp LlamaFileType.MOSTLY_IFAIRY
 BLOCK = 256             # weights per block
 BLOCK_BYTES = 68
+ROPE_BASE = 10000.0     # ifairy.cpp's hard-coded RoPE base
+FFN_KEY = "lowrank.ifairy.intermediate_size"  # the model's F when the file's feed_forward_length is padded
 
 # ours (IFairyBlock) -> GGUF tensor names of one block
 _LINEARS = {"self_attn.q_proj": "attn_q", "self_attn.k_proj": "attn_k", "self_attn.v_proj": "attn_v",
@@ -66,18 +89,27 @@ def _codes(layer: IFairyLinear) -> torch.Tensor:
 
 def ifairy_blocks(layer: IFairyLinear) -> np.ndarray:
     """The layer's weight as IFAIRY blocks: uint8 ``(out, in / 256 * 68)``."""
+    if layer.in_features % BLOCK:
+        raise ValueError(f"ifairy_blocks: in_features {layer.in_features} is not a multiple of {BLOCK}: ifairy.cpp's "
+                         "IFAIRY blocks hold 256 weights of one row")
+    return _padded_blocks(layer, layer.out_features, layer.in_features)
+
+
+def _padded_blocks(layer: IFairyLinear, rows: int, cols: int) -> np.ndarray:
+    """IFAIRY blocks ``(rows, cols / 256 * 68)`` holding the layer's weight in the top-left corner; the extra
+    columns get code 1 (+1), the extra rows code 1 and ``d_real = d_imag = 0`` in every block (FFN padding,
+    module docstring)."""
     out, inn = layer.out_features, layer.in_features
-    if inn % BLOCK:
-        raise ValueError(f"ifairy_blocks: in_features {inn} is not a multiple of {BLOCK}: ifairy.cpp's IFAIRY "
-                         "blocks hold 256 weights of one row")
-    nb = inn // BLOCK
-    # (out, block, chunk, part, lane) -> byte chunk*16 + lane holds the 4 parts at bits 2*part
-    codes = _codes(layer).view(out, nb, 4, 4, 16)
+    nb = cols // BLOCK
+    codes = torch.ones(rows, cols, dtype=torch.long)
+    codes[:out, :inn] = _codes(layer)
+    # (row, block, chunk, part, lane) -> byte chunk*16 + lane holds the 4 parts at bits 2*part
     shifts = (2 * torch.arange(4)).view(1, 1, 1, 4, 1)
-    qs = (codes << shifts).sum(3).view(out, nb, 64).to(torch.uint8)
-    scales = layer.scales.cpu().to(torch.float16).view(torch.uint8)  # [d_real, d_imag], little-endian
-    blocks = torch.cat([qs, scales.expand(out, nb, 4)], -1)
-    return blocks.reshape(out, nb * BLOCK_BYTES).numpy()
+    qs = (codes.view(rows, nb, 4, 4, 16) << shifts).sum(3).view(rows, nb, 64).to(torch.uint8)
+    scales = torch.zeros(rows, 2, dtype=torch.float16)
+    scales[:out] = layer.scales.cpu().to(torch.float16)
+    scales = scales.view(torch.uint8).view(rows, 1, 4)  # [d_real, d_imag], little-endian
+    return torch.cat([qs, scales.expand(rows, nb, 4)], -1).reshape(rows, nb * BLOCK_BYTES).numpy()
 
 
 def ifairy_codes_from_blocks(blocks: np.ndarray, in_features: int) -> tuple[np.ndarray, np.ndarray]:
@@ -98,26 +130,63 @@ def _bf16_pairs(real: torch.Tensor, imag: torch.Tensor) -> np.ndarray:
     return ((bits(imag) << 16) | bits(real)).view(torch.float32).numpy()
 
 
-def _norm(norm) -> np.ndarray:
-    return torch.cat([norm.weight_real, norm.weight_imag]).detach().cpu().float().numpy()
+def _norm(norm, width: int | None = None, factor: float = 1.0) -> np.ndarray:
+    """F32 ``cat([real, imag])``, each part times ``factor`` (in float64) and zero-padded to ``width``."""
+    parts = [w.detach().cpu().double() * factor for w in (norm.weight_real, norm.weight_imag)]
+    return torch.cat([torch.nn.functional.pad(w, (0, (width or w.numel()) - w.numel())) for w in parts]).float().numpy()
 
 
-def export_ifairy_gguf(model: IFairyForCausalLM, path: str | Path, name: str = "ifairy") -> None:
-    """Write ``model`` to ``path`` as an ifairy.cpp GGUF (module docstring: layout and what cannot be written)."""
+def _check(model: IFairyForCausalLM, output_dtype: str) -> None:
+    """Raise unless the file can be written; warn where ifairy.cpp will compute something else (module docstring)."""
+    cfg = model.config
+    h, f, kv = cfg.hidden_size, cfg.intermediate_size, cfg.num_key_value_heads * cfg.head_dim
+    if output_dtype not in ("f32", "f16"):
+        raise ValueError(f"export_ifairy_gguf: output_dtype must be 'f32' or 'f16', got {output_dtype!r}")
+    if h % BLOCK:
+        raise ValueError(f"export_ifairy_gguf: hidden_size {h} is not a multiple of {BLOCK}: ifairy.cpp's IFAIRY "
+                         "blocks hold 256 weights of one row, and padding the hidden size would change the "
+                         "embeddings, norms and head (only intermediate_size is padded)")
+    want = {"self_attn.q_proj": (h, h), "self_attn.k_proj": (h, kv), "self_attn.v_proj": (h, kv),
+            "self_attn.o_proj": (h, h), "mlp.gate_proj": (h, f), "mlp.up_proj": (h, f), "mlp.down_proj": (f, h)}
+    bad = [f"layer.{i}.mlp.ffn_layernorm width {block.mlp.ffn_layernorm.weight_real.numel()}, want {f}"
+           for i, block in enumerate(model.layer) if block.mlp.ffn_layernorm.weight_real.numel() != f]
+    for i, block in enumerate(model.layer):
+        for ours, shape in want.items():
+            layer = block.get_submodule(ours)
+            if (layer.in_features, layer.out_features) != shape:
+                bad.append(f"layer.{i}.{ours} (in, out) {(layer.in_features, layer.out_features)}, want {shape}")
+    if bad:
+        raise ValueError(f"export_ifairy_gguf: model does not match its config (hidden_size {h}, intermediate_size "
+                         f"{f}, {cfg.num_key_value_heads} kv heads): {bad[:4]}")
+    if not math.isclose(cfg.softmax_scale, cfg.head_dim ** -0.5, rel_tol=1e-6):
+        warnings.warn(f"export_ifairy_gguf: the model's softmax scale is {cfg.softmax_scale:.6g}, ifairy.cpp ignores "
+                      f"ifairy.attention.scale and uses 1/sqrt(head_dim) = {cfg.head_dim ** -0.5:.6g}: it will "
+                      "compute a different model", UserWarning, stacklevel=3)
+    if cfg.rope_theta != ROPE_BASE:
+        warnings.warn(f"export_ifairy_gguf: the model's rope_theta is {cfg.rope_theta:g}, ifairy.cpp ignores "
+                      f"ifairy.rope.freq_base and uses {ROPE_BASE:g}: it will compute a different model",
+                      UserWarning, stacklevel=3)
+
+
+def export_ifairy_gguf(model: IFairyForCausalLM, path: str | Path, name: str = "ifairy",
+                       output_dtype: str = "f32") -> None:
+    """Write ``model`` to ``path`` as an ifairy.cpp GGUF, the head ``output`` in ``output_dtype`` ("f32" or
+    "f16"). Module docstring: the layout, the FFN padding when ``intermediate_size`` is not a multiple of 256,
+    what raises (a hidden size not a multiple of 256, a model that does not match its config) and what warns
+    (a softmax scale or RoPE base that ifairy.cpp does not use)."""
     import gguf
 
+    _check(model, output_dtype)
     cfg = model.config
-    bad = [(n, m.in_features) for n, m in model.named_modules()
-           if isinstance(m, IFairyLinear) and m.in_features % BLOCK]
-    if bad:
-        raise ValueError(f"export_ifairy_gguf: ifairy.cpp's IFAIRY blocks hold 256 weights of one row; these "
-                         f"linears have in_features not a multiple of 256: {bad[:4]}")
+    f = cfg.intermediate_size
+    f_pad = -(-f // BLOCK) * BLOCK
     writer = gguf.GGUFWriter(str(path), arch="ifairy")
     writer.add_name(name)
     writer.add_context_length(cfg.max_position_embeddings)
     writer.add_embedding_length(cfg.hidden_size)
     writer.add_block_count(cfg.num_hidden_layers)
-    writer.add_feed_forward_length(cfg.intermediate_size)
+    writer.add_feed_forward_length(f_pad)
+    writer.add_uint32(FFN_KEY, f)
     writer.add_head_count(cfg.num_heads)
     writer.add_head_count_kv(cfg.num_key_value_heads)
     writer.add_layer_norm_eps(cfg.rms_norm_eps)
@@ -134,14 +203,18 @@ def export_ifairy_gguf(model: IFairyForCausalLM, path: str | Path, name: str = "
                                                 model.token_embeddings_imag.weight))
     for i, block in enumerate(model.layer):
         for ours, theirs in _NORMS.items():
-            writer.add_tensor(f"blk.{i}.{theirs}", _norm(block.get_submodule(ours)))
+            pad = (f_pad, math.sqrt(f / f_pad)) if ours == "mlp.ffn_layernorm" else ()
+            writer.add_tensor(f"blk.{i}.{theirs}", _norm(block.get_submodule(ours), *pad))
         for ours, theirs in _LINEARS.items():
             layer = block.get_submodule(ours)
+            rows = f_pad if ours in ("mlp.gate_proj", "mlp.up_proj") else layer.out_features
+            cols = f_pad if ours == "mlp.down_proj" else layer.in_features
             # int8 view: the writer keeps the given (out, in) shape for non-uint8 data and writes the raw type id
-            writer.add_tensor(f"blk.{i}.{theirs}", ifairy_blocks(layer).view(np.int8),
-                              raw_shape=(layer.out_features, layer.in_features), raw_dtype=IFAIRY_TYPE)
+            writer.add_tensor(f"blk.{i}.{theirs}", _padded_blocks(layer, rows, cols).view(np.int8),
+                              raw_shape=(rows, cols), raw_dtype=IFAIRY_TYPE)
     writer.add_tensor("output_norm", _norm(model.final_norm))
-    writer.add_tensor("output", model.lm_head.weight.detach().cpu().float().numpy())
+    head = model.lm_head.weight.detach().cpu()
+    writer.add_tensor("output", (head.half() if output_dtype == "f16" else head.float()).numpy())
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()
@@ -178,14 +251,19 @@ def _field(reader, key: str):
 
 def load_ifairy_gguf(path: str | Path, act_quant: bool = True) -> IFairyForCausalLM:
     """An ``IFairyForCausalLM`` from a GGUF written by :func:`export_ifairy_gguf` (scales come back rounded to
-    fp16, embeddings to bf16: what ifairy.cpp runs)."""
+    fp16, embeddings to bf16, an F16 head to fp16: what ifairy.cpp runs). A padded FFN is cut back to the
+    ``lowrank.ifairy.intermediate_size`` recorded in the file (extra rows and columns dropped, the
+    ``ffn_layernorm`` weights divided by √(F/F_pad) again: they come back within float32 rounding of the
+    exported ones, not bit for bit)."""
     from lowrank.nn.ifairy_model import IFairyConfig
 
     reader = read_ifairy_gguf(path)
     arch = "ifairy"
+    f_pad = int(_field(reader, f"{arch}.feed_forward_length"))
+    f = int(_field(reader, FFN_KEY)) if FFN_KEY in reader.fields else f_pad
     cfg = IFairyConfig(
         hidden_size=int(_field(reader, f"{arch}.embedding_length")),
-        intermediate_size=int(_field(reader, f"{arch}.feed_forward_length")),
+        intermediate_size=f,
         num_heads=int(_field(reader, f"{arch}.attention.head_count")),
         num_key_value_heads=int(_field(reader, f"{arch}.attention.head_count_kv")),
         num_hidden_layers=int(_field(reader, f"{arch}.block_count")),
@@ -202,10 +280,11 @@ def load_ifairy_gguf(path: str | Path, act_quant: bool = True) -> IFairyForCausa
     def array(name):
         return torch.from_numpy(np.array(tensors[name].data))
 
-    def norm(module, name):
-        both = array(name)
-        module.weight_real.copy_(both[:both.numel() // 2])
-        module.weight_imag.copy_(both[both.numel() // 2:])
+    def norm(module, name, factor=1.0):
+        both = array(name).double() / factor
+        n = module.weight_real.numel()
+        module.weight_real.copy_(both[:n])
+        module.weight_imag.copy_(both[both.numel() // 2:][:n])
 
     with torch.no_grad():
         pairs = array("token_embd").view(torch.int32)
@@ -216,11 +295,13 @@ def load_ifairy_gguf(path: str | Path, act_quant: bool = True) -> IFairyForCausa
         norm(model.final_norm, "output_norm")
         for i, block in enumerate(model.layer):
             for ours, theirs in _NORMS.items():
-                norm(block.get_submodule(ours), f"blk.{i}.{theirs}")
+                norm(block.get_submodule(ours), f"blk.{i}.{theirs}",
+                     math.sqrt(f / f_pad) if ours == "mlp.ffn_layernorm" else 1.0)
             for ours, theirs in _LINEARS.items():
                 layer = block.get_submodule(ours)
-                codes, scales = ifairy_codes_from_blocks(np.array(tensors[f"blk.{i}.{theirs}"].data), layer.in_features)
-                codes = torch.from_numpy(codes.astype(np.int64)).view(layer.out_features, -1, 4)
-                layer.packed.copy_((codes << (2 * torch.arange(4))).sum(-1).to(torch.uint8))
+                blocks = np.array(tensors[f"blk.{i}.{theirs}"].data)
+                codes, scales = ifairy_codes_from_blocks(blocks, blocks.shape[1] // BLOCK_BYTES * BLOCK)
+                codes = torch.from_numpy(codes[:layer.out_features, :layer.in_features])
+                layer.packed.copy_(ifairy_pack_codes(codes))
                 layer.scales.copy_(torch.from_numpy(scales[0, 0].astype(np.float32)))
     return model.eval()
