@@ -20,6 +20,10 @@
 //   kMaxInt8In, where even wrapped partial sums (two's complement) come back to the exact A.
 //   A row's last chunk is loaded with a byte mask (bytes past the row read as 0, code −1); the activations
 //   there are zero, so they add nothing.
+// Software prefetch (one_token_4rows): while four rows run, the next four are prefetched, a cache line per row
+// and chunk. A decode step streams every weight from memory once (a 700M model's 168 linears are 170 MB); the
+// hardware prefetcher alone left the one-token loop waiting on memory: 168 700M-shaped linears, one thread,
+// 39-40 ms -> 21-25 ms a pass. Weights already in L2 run as before.
 // Rows are walked in blocks of kRowBlock for each group of up to 4 tokens, so the group's activations stay in
 // L1; one token processes 4 rows at once (16 accumulators), two tokens 2 rows, more tokens 1 row.
 #include <immintrin.h>
@@ -153,9 +157,15 @@ inline void one_token_4rows(const Int8Problem& p, const Tables& k, int64_t r, in
   const int8_t* qr = p.q + t * 2 * p.in_pad;
   const int8_t* qi = qr + p.in_pad;
   const int64_t full = p.nbytes / kChunk;
+  // the next four rows (4·nbytes bytes after row0) are prefetched, four cache lines a chunk, while these run
+  const char* next = reinterpret_cast<const char*>(row0 + 4 * p.nbytes);
   for (int64_t s = 0; s < full; ++s) {
     const int8_t* xr = qr + 4 * kChunk * s;
     const int8_t* xi = qi + 4 * kChunk * s;
+    _mm_prefetch(next + 4 * kChunk * s, _MM_HINT_T0);
+    _mm_prefetch(next + 4 * kChunk * s + 64, _MM_HINT_T0);
+    _mm_prefetch(next + 4 * kChunk * s + 128, _MM_HINT_T0);
+    _mm_prefetch(next + 4 * kChunk * s + 192, _MM_HINT_T0);
     one_token_chunk(k, _mm512_loadu_si512(row0 + kChunk * s), xr, xi, a0, b0, c0, d0);
     one_token_chunk(k, _mm512_loadu_si512(row1 + kChunk * s), xr, xi, a1, b1, c1, d1);
     one_token_chunk(k, _mm512_loadu_si512(row2 + kChunk * s), xr, xi, a2, b2, c2, d2);
