@@ -38,18 +38,30 @@ namespace {
 constexpr int64_t kRowBlock = 8;
 constexpr int64_t kChunk = 64;  // packed bytes a step: 256 weights
 
-// Code tables: entry i = f(code at bits 2p of i), f given for code 0 = -1, 1 = +1, 2 = -i, 3 = +i.
-inline __m512i table(int p, uint8_t c0, uint8_t c1, uint8_t c2, uint8_t c3) {
-  alignas(64) uint8_t t[64];
-  const uint8_t f[4] = {c0, c1, c2, c3};
-  for (int i = 0; i < 64; ++i) t[i] = f[(i >> (2 * p)) & 3];
-  return _mm512_load_si512(t);
+// Code tables: entry i = f(code at bits 2p of i), f given for code 0 = -1, 1 = +1, 2 = -i, 3 = +i; built at
+// compile time (building them per call was about 1,500 instructions of a decode call).
+struct TableBytes {
+  alignas(64) uint8_t v[6][64];
+};
+constexpr TableBytes make_tables() {
+  constexpr uint8_t fa[4] = {0, 2, 1, 1};  // wA + 1
+  constexpr uint8_t fb[4] = {1, 1, 0, 2};  // wB + 1
+  TableBytes t{};
+  for (int p = 0; p < 3; ++p)
+    for (int i = 0; i < 64; ++i) {
+      t.v[p][i] = fa[(i >> (2 * p)) & 3];
+      t.v[3 + p][i] = fb[(i >> (2 * p)) & 3];
+    }
+  return t;
 }
+alignas(64) constexpr TableBytes kTableBytes = make_tables();
 
 struct Tables {
   // wA + 1 and wB + 1 of the code at bits 2p, p = 0, 1, 2 (p = 3 uses p = 0 after the shift)
-  __m512i ta[3] = {table(0, 0, 2, 1, 1), table(1, 0, 2, 1, 1), table(2, 0, 2, 1, 1)};
-  __m512i tb[3] = {table(0, 1, 1, 0, 2), table(1, 1, 1, 0, 2), table(2, 1, 1, 0, 2)};
+  __m512i ta[3] = {_mm512_load_si512(kTableBytes.v[0]), _mm512_load_si512(kTableBytes.v[1]),
+                   _mm512_load_si512(kTableBytes.v[2])};
+  __m512i tb[3] = {_mm512_load_si512(kTableBytes.v[3]), _mm512_load_si512(kTableBytes.v[4]),
+                   _mm512_load_si512(kTableBytes.v[5])};
 };
 
 // No std:: templates in this file: an inline function compiled here with AVX-512 could be the copy the
