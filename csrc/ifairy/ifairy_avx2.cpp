@@ -71,6 +71,9 @@ void row_tokens(const Int8Problem& p, int64_t r, int64_t t0) {
   for (int64_t s0 = 0; s0 < steps; s0 += 64) {
     const int64_t s1 = std::min(steps, s0 + 64);
     for (int64_t s = s0; s < s1; ++s) {
+      // the next row's line at this offset, once per 64 bytes: a one-token decode streams every row from
+      // memory once (see the AVX-512 kernel's prefetch)
+      if ((s & 7) == 0) _mm_prefetch(reinterpret_cast<const char*>(row + p.nbytes + s * 8), _MM_HINT_T0);
       Decoded w;
       if (s < full) {
         w = decode32(row + s * 8);
