@@ -8,7 +8,10 @@ median, the shape column names tokens/s = 1000 / that. Everything a step does is
 262 MB at 1.3B, read once per token) and the Python between them. The check compares cached steps'
 logits with a full recomputation of the same sequence on the same model with float activations (max |diff| /
 max |logit| <= 1e-4; ``cache_check`` says why not W2A8).
-The shape column also gives two parts of a step timed alone: the 168 linears and the head.
+The shape column also gives two parts of a step timed alone: the 168 linears and the head. The "bf16 head"
+rows hold ``lm_head`` in bfloat16 (``model.lm_head.bfloat16()``, the example's ``--bf16-head``: half the bytes of
+the largest tensor a step reads, read by ``torch.mv``; its dot products round to bfloat16, so these logits are
+not the float head's); everything else is the same model.
 
 The anchor is ifairy.cpp's published decode speed of the 700M model, 76.2 tokens/s (LUT path; 46.6 direct)
 on 8 threads of a Ryzen 7 H 255 (llama-bench tg128); it is quoted in the README, not run here. CUDA: no
@@ -34,6 +37,7 @@ class Case:
     label: str
     config: IFairyConfig
     threads: int
+    head: torch.dtype = torch.float32
 
 
 def cases(device: str, quick: bool) -> list[Case]:
@@ -43,8 +47,9 @@ def cases(device: str, quick: bool) -> list[Case]:
         small = IFairyConfig(hidden_size=256, intermediate_size=512, num_heads=4, vocab_size=1000,
                              num_hidden_layers=2)
         return [Case("tiny", small, 1)]
-    return [Case(label, cfg, t) for label, cfg in (("700M", IFairyConfig.ifairy_700m()),
-                                                   ("1.3B", IFairyConfig.ifairy_1p3b())) for t in (1, 2)]
+    return [Case(label, cfg, t, head) for head in (torch.float32, torch.bfloat16)
+            for label, cfg in (("700M", IFairyConfig.ifairy_700m()), ("1.3B", IFairyConfig.ifairy_1p3b()))
+            for t in (1, 2)]
 
 
 def decode_step_ms(model: IFairyForCausalLM, prompt_len: int = PROMPT, warmup: int = WARMUP,
@@ -118,7 +123,8 @@ def step_parts_ms(model: IFairyForCausalLM, reps: int = 5) -> dict[str, float]:
 def measure(case: Case) -> dict:
     cfg = case.config
     packed = sum(o * ((i + 3) // 4) for o, i in _linear_shapes(cfg)) * cfg.num_hidden_layers
-    row = {"op": "IFairyForCausalLM", "shape": f"{case.label}-shaped decode, {case.threads} thread(s)",
+    head = "" if case.head == torch.float32 else ", bf16 head"
+    row = {"op": "IFairyForCausalLM", "shape": f"{case.label}-shaped decode{head}, {case.threads} thread(s)",
            "dtype": "float32", "mode": "W2A8", "ours_ms": None, "gbps": None, "max_err": None, "tol": 1e-4,
            "ok": False, "error": None, "threads": case.threads, "tokens_per_s": None, "packed_bytes": packed}
     saved = torch.get_num_threads()
@@ -126,6 +132,7 @@ def measure(case: Case) -> dict:
         torch.set_num_threads(case.threads)
         torch.manual_seed(0)
         model = IFairyForCausalLM(cfg).eval()
+        model.lm_head.to(case.head)
         row["ours_ms"] = statistics.median(decode_step_ms(model))
         row["max_err"] = err = cache_check(model)
         row["ok"] = err <= row["tol"]
