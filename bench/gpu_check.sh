@@ -107,50 +107,37 @@ esac
 # 4. CUDA tests --------------------------------------------------------------------------------
 PYTEST_LOG=$OUTDIR/pytest.log
 : >"$PYTEST_LOG"
+pytest_step() {  # step cap cmd...: one pytest run appended to pytest.log, recorded from its summary line
+    local step=$1 cap=$2
+    shift 2
+    run_step "$cap" "$PYTEST_LOG" "$@"
+    LAST=$(grep -E '(passed|failed|error|no tests ran)' "$PYTEST_LOG" | tail -1)
+    case $RC in
+        0) record "$step" PASS "$LAST" ;;
+        5) record "$step" SKIP "no test is marked cuda" ;;
+        124) record "$step" FAIL "timed out (pytest.log)" ;;
+        *) record "$step" FAIL "$LAST" ;;
+    esac
+}
 if [ "$CUDA" != 1 ]; then
     record pytest-cuda SKIP "no GPU"
 elif [ ! -d tests ]; then
     record pytest-cuda SKIP "no tests/ folder in the working tree"
 else
-    run_step 180 "$PYTEST_LOG" "$PY" -m pytest -m cuda tests -q -rfEs -p no:cacheprovider --ignore=tests/test_fuzz.py
-    LAST=$(grep -E '(passed|failed|error|no tests ran)' "$PYTEST_LOG" | tail -1)
-    case $RC in
-        0) record pytest-cuda PASS "$LAST" ;;
-        5) record pytest-cuda SKIP "no test is marked cuda" ;;
-        124) record pytest-cuda FAIL "timed out (pytest.log)" ;;
-        *) record pytest-cuda FAIL "$LAST" ;;
-    esac
+    pytest_step pytest-cuda 180 "$PY" -m pytest -m cuda tests -q -rfEs -p no:cacheprovider --ignore=tests/test_fuzz.py
     # The CUDA half of the fuzz suite (hypothesis, every op and module against lowrank.reference, bad inputs),
     # with more examples than CI's default; GPU_FUZZ_EXAMPLES scales it.
     echo "===== fuzz (LOWRANK_FUZZ_EXAMPLES=${GPU_FUZZ_EXAMPLES:-300})" >>"$PYTEST_LOG"
-    run_step 90 "$PYTEST_LOG" env LOWRANK_FUZZ_EXAMPLES="${GPU_FUZZ_EXAMPLES:-300}" "$PY" -m pytest -m cuda \
+    pytest_step "pytest-cuda fuzz" 90 env LOWRANK_FUZZ_EXAMPLES="${GPU_FUZZ_EXAMPLES:-300}" "$PY" -m pytest -m cuda \
         tests/test_fuzz.py -q -rfEs -p no:cacheprovider
-    LAST=$(grep -E '(passed|failed|error|no tests ran)' "$PYTEST_LOG" | tail -1)
-    case $RC in
-        0) record "pytest-cuda fuzz" PASS "$LAST" ;;
-        124) record "pytest-cuda fuzz" FAIL "timed out (pytest.log)" ;;
-        *) record "pytest-cuda fuzz" FAIL "$LAST" ;;
-    esac
     # The opt-in cuBLAS GEMM path too (LOWRANK_CUBLAS=1), on the families that use the GEMM runner.
     echo "===== LOWRANK_CUBLAS=1" >>"$PYTEST_LOG"
-    run_step 60 "$PYTEST_LOG" env LOWRANK_CUBLAS=1 "$PY" -m pytest -m cuda tests/test_monarch.py tests/test_sltrain.py \
-        -q -rfEs -p no:cacheprovider
-    LAST=$(grep -E '(passed|failed|error|no tests ran)' "$PYTEST_LOG" | tail -1)
-    case $RC in
-        0) record "pytest-cuda cublas" PASS "$LAST" ;;
-        124) record "pytest-cuda cublas" FAIL "timed out (pytest.log)" ;;
-        *) record "pytest-cuda cublas" FAIL "$LAST" ;;
-    esac
+    pytest_step "pytest-cuda cublas" 60 env LOWRANK_CUBLAS=1 "$PY" -m pytest -m cuda tests/test_monarch.py \
+        tests/test_sltrain.py -q -rfEs -p no:cacheprovider
     # and the opt-in tensor-core path of fp32 projection (LOWRANK_PROJECTION_FP32_TC=1)
     echo "===== LOWRANK_PROJECTION_FP32_TC=1" >>"$PYTEST_LOG"
-    run_step 60 "$PYTEST_LOG" env LOWRANK_PROJECTION_FP32_TC=1 "$PY" -m pytest -m cuda tests/test_projection.py \
-        tests/test_optim.py -q -rfEs -p no:cacheprovider
-    LAST=$(grep -E '(passed|failed|error|no tests ran)' "$PYTEST_LOG" | tail -1)
-    case $RC in
-        0) record "pytest-cuda proj-fp32-tc" PASS "$LAST" ;;
-        124) record "pytest-cuda proj-fp32-tc" FAIL "timed out (pytest.log)" ;;
-        *) record "pytest-cuda proj-fp32-tc" FAIL "$LAST" ;;
-    esac
+    pytest_step "pytest-cuda proj-fp32-tc" 60 env LOWRANK_PROJECTION_FP32_TC=1 "$PY" -m pytest -m cuda \
+        tests/test_projection.py tests/test_optim.py -q -rfEs -p no:cacheprovider
 fi
 
 # 5. compute-sanitizer memcheck, racecheck, synccheck ------------------------------------------------
