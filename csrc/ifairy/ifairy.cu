@@ -746,15 +746,9 @@ std::tuple<Tensor, Tensor> linear_cuda(Tensor x_real, Tensor x_imag, Tensor pack
 // kernels fuse the quantization into their launch).
 std::vector<Tensor> linear_multi_cuda(Tensor x_real, Tensor x_imag, std::vector<Tensor> packed,
                                       std::vector<Tensor> scales, bool act_quant, std::optional<int64_t> in_features) {
-  const LinearDims xd = x_dims(kMulti, x_real, x_imag, act_quant, in_features);
-  LOWRANK_CHECK(packed.size() == scales.size(), kMulti, ": packed and scales must be lists of the same length (got ",
-                packed.size(), " and ", scales.size(), ")");
+  LinearDims xd{};
+  const std::vector<LinearDims> wd = multi_dims(kMulti, x_real, x_imag, packed, scales, act_quant, in_features, &xd);
   LOWRANK_CHECK(x_real.is_cuda(), kMulti, ": the CUDA kernel got a tensor on ", device_name(x_real));
-  std::vector<LinearDims> wd;
-  for (size_t i = 0; i < packed.size(); ++i) {
-    const std::string n = "[" + std::to_string(i) + "]";
-    wd.push_back(weight_dims(kMulti, xd, x_real, packed[i], scales[i], "packed" + n, "scales" + n));
-  }
   torch::stable::accelerator::DeviceGuard guard(x_real.get_device_index());
   const Tensor xr = torch::stable::contiguous(x_real), xi = torch::stable::contiguous(x_imag);
   std::vector<Tensor> ys;

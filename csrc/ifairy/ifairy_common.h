@@ -8,6 +8,7 @@
 #include <cstdint>
 #include <optional>
 #include <string>
+#include <vector>
 
 #include "common/checks.h"
 
@@ -134,6 +135,22 @@ inline LinearDims weight_dims(const char* op, const LinearDims& x, const Tensor&
 inline LinearDims linear_dims(const char* op, const Tensor& xr, const Tensor& xi, const Tensor& packed,
                               const Tensor& scales, bool act_quant, std::optional<int64_t> in_features) {
   return weight_dims(op, x_dims(op, xr, xi, act_quant, in_features), xr, packed, scales);
+}
+
+// ifairy_linear_multi's checks (x, then every (packed[i], scales[i]) pair): x's dims and each weight's.
+inline std::vector<LinearDims> multi_dims(const char* op, const Tensor& xr, const Tensor& xi,
+                                          const std::vector<Tensor>& packed, const std::vector<Tensor>& scales,
+                                          bool act_quant, std::optional<int64_t> in_features, LinearDims* x_out) {
+  const LinearDims xd = x_dims(op, xr, xi, act_quant, in_features);
+  LOWRANK_CHECK(packed.size() == scales.size(), op, ": packed and scales must be lists of the same length (got ",
+                packed.size(), " and ", scales.size(), ")");
+  std::vector<LinearDims> wd;
+  for (size_t i = 0; i < packed.size(); ++i) {
+    const std::string n = "[" + std::to_string(i) + "]";
+    wd.push_back(weight_dims(op, xd, xr, packed[i], scales[i], "packed" + n, "scales" + n));
+  }
+  *x_out = xd;
+  return wd;
 }
 
 inline void check_quantize_inputs(const char* op, const Tensor& wr, const Tensor& wi) {

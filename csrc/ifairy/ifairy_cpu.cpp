@@ -618,14 +618,10 @@ std::tuple<Tensor, Tensor> linear_cpu(Tensor x_real, Tensor x_imag, Tensor packe
 
 std::vector<Tensor> linear_multi_cpu(Tensor x_real, Tensor x_imag, std::vector<Tensor> packed,
                                      std::vector<Tensor> scales, bool act_quant, std::optional<int64_t> in_features) {
-  const LinearDims xd = x_dims(kMulti, x_real, x_imag, act_quant, in_features);
-  LOWRANK_CHECK(packed.size() == scales.size(), kMulti, ": packed and scales must be lists of the same length (got ",
-                packed.size(), " and ", scales.size(), ")");
+  LinearDims xd{};
+  const std::vector<LinearDims> wd = multi_dims(kMulti, x_real, x_imag, packed, scales, act_quant, in_features, &xd);
   LOWRANK_CHECK(x_real.is_cpu(), kMulti, ": the CPU kernel got a tensor on ", device_name(x_real));
-  std::vector<LinearDims> wd;
   for (size_t i = 0; i < packed.size(); ++i) {
-    const std::string n = "[" + std::to_string(i) + "]";
-    wd.push_back(weight_dims(kMulti, xd, x_real, packed[i], scales[i], "packed" + n, "scales" + n));
     packed[i] = contiguous_if_needed(packed[i]);
     scales[i] = contiguous_if_needed(scales[i]);
   }
