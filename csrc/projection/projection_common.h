@@ -48,6 +48,14 @@ inline void check_vector(const char* op, const Tensor& t, const char* name, int6
 }
 
 // exp_avg, exp_avg_sq contiguous, R any strides; all one shape and one dtype (float32, float64 on CPU).
+// exp_avg and exp_avg_sq have R's shape (the fp32 and the 8-bit Adam ops).
+inline void check_moments_shape(const char* op, const Tensor& R, const Tensor& exp_avg, const Tensor& exp_avg_sq) {
+  bool same = exp_avg.dim() == R.dim() && exp_avg_sq.dim() == R.dim();
+  for (int64_t i = 0; same && i < R.dim(); ++i) same = exp_avg.size(i) == R.size(i) && exp_avg_sq.size(i) == R.size(i);
+  LOWRANK_CHECK(same, op, ": exp_avg and exp_avg_sq must have R's shape ", shape_str(R), " (got ",
+                shape_str(exp_avg), " and ", shape_str(exp_avg_sq), ")");
+}
+
 inline void check_adam_args(const Tensor& exp_avg, const Tensor& exp_avg_sq, const Tensor& R) {
   const char* op = kAdamOp;
   const ScalarType st = R.scalar_type();
@@ -58,10 +66,7 @@ inline void check_adam_args(const Tensor& exp_avg, const Tensor& exp_avg_sq, con
   check_same_dtype(op, R, "R", exp_avg_sq, "exp_avg_sq");
   check_same_device(op, R, "R", exp_avg, "exp_avg");
   check_same_device(op, R, "R", exp_avg_sq, "exp_avg_sq");
-  bool same = exp_avg.dim() == R.dim() && exp_avg_sq.dim() == R.dim();
-  for (int64_t i = 0; same && i < R.dim(); ++i) same = exp_avg.size(i) == R.size(i) && exp_avg_sq.size(i) == R.size(i);
-  LOWRANK_CHECK(same, op, ": exp_avg and exp_avg_sq must have R's shape ", shape_str(R), " (got ",
-                shape_str(exp_avg), " and ", shape_str(exp_avg_sq), ")");
+  check_moments_shape(op, R, exp_avg, exp_avg_sq);
   LOWRANK_CHECK(exp_avg.is_contiguous(), op, ": exp_avg must be contiguous (it is updated in place)");
   LOWRANK_CHECK(exp_avg_sq.is_contiguous(), op, ": exp_avg_sq must be contiguous (it is updated in place)");
   check_no_overlap(op, exp_avg, "exp_avg", exp_avg_sq, "exp_avg_sq");

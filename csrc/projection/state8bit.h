@@ -14,6 +14,7 @@
 #include <cstdint>
 
 #include "common/checks.h"
+#include "projection/projection_common.h"
 
 #ifdef __CUDACC__
 #define LOWRANK_HD __host__ __device__ __forceinline__
@@ -113,10 +114,7 @@ inline void check_adam8_args(const Tensor& m, const Tensor& m_absmax, const Tens
   check_same_device(op, R, "R", m_absmax, "exp_avg_absmax");
   check_same_device(op, R, "R", v, "exp_avg_sq");
   check_same_device(op, R, "R", v_absmax, "exp_avg_sq_absmax");
-  bool same = m.dim() == R.dim() && v.dim() == R.dim();
-  for (int64_t i = 0; same && i < R.dim(); ++i) same = m.size(i) == R.size(i) && v.size(i) == R.size(i);
-  LOWRANK_CHECK(same, op, ": exp_avg and exp_avg_sq must have R's shape ", shape_str(R), " (got ", shape_str(m),
-                " and ", shape_str(v), ")");
+  check_moments_shape(op, R, m, v);
   LOWRANK_CHECK(m.is_contiguous(), op, ": exp_avg must be contiguous (it is updated in place)");
   LOWRANK_CHECK(v.is_contiguous(), op, ": exp_avg_sq must be contiguous (it is updated in place)");
   const int64_t blocks = state8_blocks(R.numel());
