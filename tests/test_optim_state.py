@@ -173,6 +173,17 @@ def test_reproject_constant_gradient_equals_keep(basis):
 
 
 # ------------------------------------------------------------------------------------------- 8-bit state
+def assert_same_steps(grads, *runs):
+    """Step every (params, optimizer) run on the same gradients; their parameters must stay equal."""
+    for gs in grads:
+        for ps, o in runs:
+            for p, g in zip(ps, gs):
+                p.grad = g.clone()
+            o.step()
+    for ps, _ in runs[1:]:
+        assert all(torch.equal(a, b) for a, b in zip(runs[0][0], ps))
+
+
 def test_8bit_state_layout_and_round_trip():
     init, grads = problem(6)
     params, opt = run_opt(init, grads[:3], state_bits=8, moments="reproject")
@@ -189,12 +200,7 @@ def test_8bit_state_layout_and_round_trip():
                          "moments": "reproject"}, {"params": []}], lr=LR, weight_decay=WD)
     opt2.load_state_dict(torch.load(buf, weights_only=True))
     assert opt2.state[params2[0]]["exp_avg"].dtype == torch.int8
-    for gs in grads[3:]:
-        for ps, o in ((params, opt), (params2, opt2)):
-            for p, g in zip(ps, gs):
-                p.grad = g.clone()
-            o.step()
-    assert all(torch.equal(a, b) for a, b in zip(params, params2))
+    assert_same_steps(grads[3:], (params, opt), (params2, opt2))
 
 
 def test_checkpoint_without_new_group_keys_resumes_with_their_defaults():
@@ -210,12 +216,7 @@ def test_checkpoint_without_new_group_keys_resumes_with_their_defaults():
                        lr=LR, weight_decay=WD)
     opt2.load_state_dict(sd)
     assert opt2.param_groups[0]["moments"] == "keep" and opt2.param_groups[0]["state_bits"] == 32
-    for gs in grads[2:]:
-        for ps, o in ((params, opt), (params2, opt2)):
-            for p, g in zip(ps, gs):
-                p.grad = g.clone()
-            o.step()
-    assert all(torch.equal(a, b) for a, b in zip(params, params2))
+    assert_same_steps(grads[2:], (params, opt), (params2, opt2))
 
 
 @pytest.mark.parametrize("opts", [{}, {"fira": True, "moments": "reproject"}, {"basis": "dct", "moments": "reproject"}],
