@@ -303,7 +303,6 @@ class ScratchLease {
     s_->a.resize(tokens2);
     s_->qsum.resize(tokens2);
   }
-  W2A8Scratch& operator*() { return *s_; }
   W2A8Scratch* operator->() { return s_; }
 
  private:
